@@ -91,7 +91,8 @@ start() {
   local name=$1; shift
   local bin; bin=$(component_bin "$name")
   log "starting $name (log: $LOGS/$name.log)"
-  setsid "$bin" "$@" >"$LOGS/$name.log" 2>&1 </dev/null &
+  # 8>&-: do not let the daemon inherit the `up` lock (it would hold it forever).
+  setsid "$bin" "$@" >"$LOGS/$name.log" 2>&1 </dev/null 8>&- &
   echo $! >"$PIDS/$name.pid"
 }
 
@@ -122,7 +123,6 @@ port_free() {  # true when nothing listens on TCP port $1
 
 make_pki() {
   mkdir -p "$PKI"
-  local o=(-loglevel error)  # quiet openssl 3
   # Cluster CA: signs the apiserver's serving cert; also handed to the
   # controller-manager as --root-ca-file (it goes into SA token secrets).
   openssl req -x509 -newkey rsa:2048 -nodes -sha256 -days 3650 \
@@ -130,8 +130,9 @@ make_pki() {
 
   # apiserver serving cert. IP SANs: loopback, the bind address, and the first IP
   # of the service range (the `kubernetes` Service's ClusterIP, for in-cluster clients).
-  local svc_ip
-  svc_ip=$(python3 -c 'import ipaddress,sys; print(next(ipaddress.ip_network(sys.argv[1]).hosts()))' "$SERVICE_CIDR")
+  local a b c d svc_ip
+  IFS=. read -r a b c d <<<"${SERVICE_CIDR%/*}"
+  svc_ip="$a.$b.$c.$((d + 1))"
   cat >"$PKI/apiserver.ext" <<EOF
 basicConstraints=CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment

@@ -12,7 +12,7 @@
 # the same machine and must reuse it):
 #   ${FINETUNE_CACHE:-$HOME/.cache/finetune}/k8s-1.20.2/bin/   the binaries
 #   .../k8s-1.20.2/src/                                        the source tree
-#   .../k8s-1.20.2/gocache/                                    Go build cache
+#   .../k8s-1.20.2/src/kubernetes-*/_output/local/go/cache/    Go build cache
 #
 # Idempotent: when all binaries are cached (and etcd is installed) it exits at
 # once without touching apt or the network.
@@ -147,8 +147,8 @@ REFLECT2_SRC=/usr/share/gocode/src/github.com/modern-go/reflect2
 REFLECT2_DST="$TREE/vendor/github.com/modern-go/reflect2"
 [[ -d "$REFLECT2_SRC" ]] || { echo "k8s-build: $REFLECT2_SRC missing" >&2; exit 1; }
 phase "patching vendor/github.com/modern-go/reflect2 with v1.0.2 from $REFLECT2_SRC"
+# (vendor/modules.txt is left alone: hack/lib/init.sh builds with GO111MODULE=off.)
 rsync -a --delete --exclude '*_test.go' --exclude 'test*/' "$REFLECT2_SRC/" "$REFLECT2_DST/"
-sed -i 's|^# github.com/modern-go/reflect2 v1.0.1$|# github.com/modern-go/reflect2 v1.0.2|' "$TREE/vendor/modules.txt"
 
 # ---- build -------------------------------------------------------------------------
 # GOPATH layout, as Debian's own rules do: <tree>/.go/src/k8s.io/kubernetes -> <tree>.
@@ -156,11 +156,11 @@ mkdir -p "$TREE/.go/src/k8s.io"
 ln -sfn "$TREE" "$TREE/.go/src/k8s.io/kubernetes"
 
 export GOPATH="$TREE/.go"
-export GOCACHE="$CACHE_ROOT/gocache"       # kept with the cache so rebuilds are fast
+# Go build cache: Kubernetes' hack/lib/golang.sh forces GOCACHE=<tree>/_output/local/go/cache,
+# i.e. inside the source tree under $CACHE_ROOT, so it is kept with the cache anyway.
 export GOTMPDIR="$CACHE_ROOT/gotmp"        # avoid filling a small /tmp
 export CGO_ENABLED=0                      # static binaries, no C toolchain needed
-export GOFLAGS="${GOFLAGS:-}"
-mkdir -p "$GOCACHE" "$GOTMPDIR"
+mkdir -p "$GOTMPDIR"
 # The Debian tarball has no .git, so hack/lib/version.sh would stamp a bogus
 # version; pass the real one (clients and our smoke test check 1.20.x).
 export KUBE_GIT_VERSION="v${K8S_VERSION}" KUBE_GIT_MAJOR=1 KUBE_GIT_MINOR=20 \

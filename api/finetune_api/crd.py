@@ -1,8 +1,8 @@
 """Generates the FineTuneJob CustomResourceDefinition from the pydantic models.
 
 Kubernetes wants a *structural* OpenAPI v3 schema: no $ref, no anyOf-with-null, no titles or consts.
-Unknown spec fields are preserved (not silently pruned) so the operator can reject a typo with a precise
-message instead of the apiserver quietly dropping it.
+Unknown fields are not preserved: 1.20 leaves schemas with x-kubernetes-preserve-unknown-fields out of the
+published OpenAPI, which would break `kubectl explain` and kubectl's own check that rejects a misspelt field.
 
 Run `python -m finetune_api.crd` (or `make generate`) to rewrite manifests/ and the chart's CRD.
 """
@@ -60,9 +60,14 @@ def _structural(node: Any, defs: dict[str, Any], preserve_unknown: bool) -> Any:
     out: dict[str, Any] = {}
     for key, value in node.items():
         if key in _DROP_KEYS or key == "default":
+            continue  # defaults are applied (and documented) by the operator, not the apiserver
+        if key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):
+            # JSON Schema 2019 numbers -> OpenAPI 3.0 booleans beside minimum/maximum.
+            out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
+            out[key] = True
             continue
         if key == "additionalProperties" and isinstance(value, bool):
-            continue  # structural schemas forbid it; extra="forbid" is enforced by the operator  # defaults are applied (and documented) by the operator, not the apiserver
+            continue  # structural schemas forbid it; extra="forbid" is enforced by the operator
         if key == "properties":
             out[key] = {k: _structural(v, defs, preserve_unknown) for k, v in value.items()}
         elif key in ("items", "additionalProperties") and isinstance(value, dict):
@@ -85,7 +90,12 @@ PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Task", "type": "string", "jsonPath": ".spec.task", "priority": 1},
     {"name": "Method", "type": "string", "jsonPath": ".spec.method.type", "priority": 1},
-    {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary", "description": "Percent done."},
+    {
+        "name": "Progress",
+        "type": "string",
+        "jsonPath": ".status.progress.summary",
+        "description": "Percent done.",
+    },
     {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step", "priority": 1},
     {"name": "Loss", "type": "number", "jsonPath": ".status.loss"},
     {"name": "ETA", "type": "integer", "jsonPath": ".status.progress.etaSeconds", "priority": 1},
@@ -95,7 +105,7 @@ PRINTER_COLUMNS = [
 
 
 def crd() -> dict[str, Any]:
-    spec_schema = openapi_schema(FineTuneJobSpec, preserve_unknown=True)
+    spec_schema = openapi_schema(FineTuneJobSpec, preserve_unknown=False)
     status_schema = openapi_schema(FineTuneJobStatus, preserve_unknown=False)
     return {
         "apiVersion": "apiextensions.k8s.io/v1",

@@ -106,7 +106,8 @@ class ModelSpec(ApiModel):
         "Remote code is never executed (trust_remote_code is always off)."
     )
     tokenizer_uri: str | None = Field(
-        default=None, description="Tokenizer location when it is not stored with the model. Default: model.uri."
+        default=None,
+        description="Tokenizer location when it is not stored with the model. Default: model.uri.",
     )
 
 
@@ -165,7 +166,8 @@ class DatasetSpec(ApiModel):
         default=None, description="Validation data file. When absent, `split` carves one out of `train`."
     )
     file_format: FileFormat = Field(
-        default=FileFormat.AUTO, description="File format; auto picks it from the file extension. Default: auto."
+        default=FileFormat.AUTO,
+        description="File format; auto picks it from the file extension. Default: auto.",
     )
     rename: dict[str, str] = Field(
         default_factory=dict, description="Column renames applied first, old name -> new name."
@@ -239,13 +241,21 @@ class Hyperparameters(ApiModel):
         default=None, ge=1, description="Optimizer steps; overrides epochs when set. Default: unset."
     )
     learning_rate: float | None = Field(
-        default=None, gt=0, lt=1, description="Peak learning rate. Default: 2e-4 for lora/qlora, 5e-5 for full."
+        default=None,
+        gt=0,
+        lt=1,
+        description="Peak learning rate. Default: 2e-4 for lora/qlora, 5e-5 for full.",
     )
     batch_size: int = Field(default=8, ge=1, le=4096, description="Per-device train batch size. Default: 8.")
-    eval_batch_size: int | None = Field(default=None, ge=1, description="Per-device eval batch size. Default: batchSize.")
+    eval_batch_size: int | None = Field(
+        default=None, ge=1, description="Per-device eval batch size. Default: batchSize."
+    )
     gradient_accumulation_steps: int = Field(default=1, ge=1, le=1024, description="Default: 1.")
     max_seq_length: int = Field(
-        default=512, ge=8, le=131072, description="Longest tokenised sample; longer ones are truncated. Default: 512."
+        default=512,
+        ge=8,
+        le=131072,
+        description="Longest tokenised sample; longer ones are truncated. Default: 512.",
     )
     block_size: int | None = Field(
         default=None, ge=8, le=131072, description="causal-lm packing block length. Default: maxSeqLength."
@@ -262,7 +272,8 @@ class Hyperparameters(ApiModel):
     optimizer: Optimizer = Field(default=Optimizer.ADAMW, description="adamw, adafactor, sgd, adamw-8bit (GPU).")
     scheduler: Scheduler = Field(default=Scheduler.LINEAR, description="Learning-rate schedule. Default: linear.")
     precision: Precision = Field(
-        default=Precision.AUTO, description="auto (bf16 on GPUs that support it, else fp32), fp32, fp16, bf16."
+        default=Precision.AUTO,
+        description="auto (bf16 on GPUs that support it, else fp32), fp32, fp16, bf16.",
     )
     gradient_checkpointing: bool = Field(default=False, description="Trade compute for memory. Default: false.")
     seed: int = Field(default=42, description="Training seed. Default: 42.")
@@ -304,7 +315,8 @@ class Resources(ApiModel):
 
     gpus: int | None = Field(default=None, ge=0, le=64, description="GPUs per pod. Default: platform policy.")
     gpu_resource_name: str | None = Field(
-        default=None, description="Extended resource name of a GPU. Default: platform policy (nvidia.com/gpu)."
+        default=None,
+        description="Extended resource name of a GPU. Default: platform policy (nvidia.com/gpu).",
     )
     cpu: Quantity | None = Field(default=None, description="CPU request and limit. Default: platform policy.")
     memory: Quantity | None = Field(default=None, description="Memory request and limit. Default: platform policy.")
@@ -383,7 +395,9 @@ class RunPolicy(ApiModel):
     )
     active_deadline_seconds: int | None = Field(default=None, ge=1, description="Hard time limit for the job.")
     ttl_seconds_after_finished: int | None = Field(
-        default=None, ge=0, description="Delete the workload (not the FineTuneJob) this long after it finishes."
+        default=None,
+        ge=0,
+        description="Delete the workload (not the FineTuneJob) this long after it finishes.",
     )
     suspend: bool = Field(default=False, description="Suspended jobs have no pods; unsuspend to resume.")
 

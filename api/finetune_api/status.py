@@ -52,7 +52,8 @@ class Progress(ApiModel):
     eta_seconds: float | None = Field(default=None, description="Estimated seconds left.")
     tokens_per_second: float | None = Field(default=None, description="Training throughput.")
     stage: str | None = Field(
-        default=None, description="What the trainer is doing: downloading, preparing, training, evaluating, uploading."
+        default=None,
+        description="What the trainer is doing: downloading, preparing, training, evaluating, uploading.",
     )
     updated_at: str | None = Field(default=None, description="When the trainer reported this.")
 

@@ -1,0 +1,51 @@
+# The two commands a newcomer runs: `make demo` and `make test`. Everything else is a building block.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+
+.PHONY: help venv lint generate check-generated unit integration trainer-tests test demo clean
+
+help:
+	@echo "make demo   - run the main example job end to end"
+	@echo "make test   - lint, type-check and run every test tier"
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[operator,trainer,dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+generate: venv  ## regenerate the CRD in manifests/ and the chart from the API models
+	$(PY) -m finetune_api.crd
+
+check-generated: venv
+	$(PY) -m finetune_api.crd --check
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy api operator trainer-image cli
+
+unit: venv
+	$(PY) -m pytest tests/unit -q
+
+trainer-tests: venv
+	$(PY) -m pytest tests/trainer -q
+
+integration: venv k8s-binaries
+	$(PY) -m pytest tests/integration -q
+
+test: venv k8s-binaries
+	$(MAKE) lint check-generated
+	$(PY) -m pytest tests -q
+
+demo: venv
+	$(PY) -m finetune_cli.main demo
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+include scripts/control-plane.mk

@@ -1,0 +1,200 @@
+"""Pure functions that build the children of a FineTuneJob: its resolved-config ConfigMap and its batch Job.
+
+Names are deterministic (derived from the job's name), so a retried or restarted handler finds the child it
+already made instead of creating a second one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import yaml
+
+from finetune_api.spec import FineTuneJobSpec
+from finetune_api.status import FineTuneJob, FineTuneJobMeta
+
+LABEL_JOB = "finetune.dev/job-name"
+LABEL_UID = "finetune.dev/job-uid"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGER = "finetune-operator"
+CONFIG_MOUNT = "/etc/finetune"
+CONFIG_FILE = "job.yaml"
+WORKSPACE = "/workspace"
+TRAINER_UID = 1000
+
+
+def child_name(job_name: str, suffix: str) -> str:
+    """`<job>-<suffix>`, shortened with a hash when it would exceed 52 characters.
+
+    52, not 63: the Job controller appends a 5-character random suffix for pod names and the pod name also
+    lands in a label value (max 63).
+    """
+    name = f"{job_name}-{suffix}"
+    if len(name) <= 52:
+        return name
+    digest = hashlib.sha256(job_name.encode()).hexdigest()[:8]
+    return f"{job_name[: 52 - len(suffix) - 10]}-{digest}-{suffix}"
+
+
+def workload_name(job_name: str) -> str:
+    return child_name(job_name, "trainer")
+
+
+def config_name(job_name: str) -> str:
+    return child_name(job_name, "config")
+
+
+def labels(meta: dict[str, Any], component: str) -> dict[str, str]:
+    return {
+        LABEL_JOB: meta["name"],
+        LABEL_UID: meta.get("uid", ""),
+        LABEL_COMPONENT: component,
+        LABEL_MANAGED_BY: MANAGER,
+        "app.kubernetes.io/name": "finetune",
+    }
+
+
+def resolved_job_yaml(meta: dict[str, Any], spec: FineTuneJobSpec) -> str:
+    """The file the trainer reads: the FineTuneJob with every default resolved, and no status."""
+    job = FineTuneJob(
+        metadata=FineTuneJobMeta(
+            name=meta["name"],
+            namespace=meta.get("namespace"),
+            uid=meta.get("uid"),
+            generation=meta.get("generation"),
+        ),
+        spec=spec,
+    )
+    return yaml.safe_dump(job.dump(), sort_keys=False)
+
+
+def build_config_map(meta: dict[str, Any], spec: FineTuneJobSpec) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": config_name(meta["name"]),
+            "namespace": meta.get("namespace"),
+            "labels": labels(meta, "config"),
+        },
+        "data": {CONFIG_FILE: resolved_job_yaml(meta, spec)},
+    }
+
+
+def _storage_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
+    """Object-store settings; credentials only as secretKeyRef, so their values never pass through us."""
+    env: list[dict[str, Any]] = []
+    st = spec.storage
+    if st.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": st.endpoint})
+    if st.region:
+        env += [
+            {"name": "AWS_DEFAULT_REGION", "value": st.region},
+            {"name": "AWS_REGION", "value": st.region},
+        ]
+    ref = st.secret_ref
+    if ref is not None:
+        keys = [
+            ("AWS_ACCESS_KEY_ID", ref.access_key_id_key),
+            ("AWS_SECRET_ACCESS_KEY", ref.secret_access_key_key),
+        ]
+        if ref.session_token_key:
+            keys.append(("AWS_SESSION_TOKEN", ref.session_token_key))
+        env += [{"name": var, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": key}}} for var, key in keys]
+    return env
+
+
+def _resources(spec: FineTuneJobSpec) -> dict[str, Any]:
+    res = spec.resources
+    amounts: dict[str, Any] = {}
+    for key, value in (
+        ("cpu", res.cpu),
+        ("memory", res.memory),
+        ("ephemeral-storage", res.ephemeral_storage),
+    ):
+        if value is not None:
+            amounts[key] = str(value)
+    limits = dict(amounts)
+    if res.gpus:
+        limits[res.gpu_resource_name or "nvidia.com/gpu"] = str(res.gpus)
+    # Requests equal limits: a trainer that gets less memory than it planned for is killed mid-run.
+    return {"requests": dict(amounts), "limits": limits}
+
+
+def build_workload(
+    meta: dict[str, Any], spec: FineTuneJobSpec, image_pull_policy: str = "IfNotPresent"
+) -> dict[str, Any]:
+    """The batch Job that runs the trainer. Retries are new pods (restartPolicy Never) that resume."""
+    pod_labels = labels(meta, "trainer")
+    rp = spec.run_policy
+    container = {
+        "name": "trainer",
+        "image": spec.image,
+        "imagePullPolicy": image_pull_policy,
+        "command": ["python", "-m", "finetune_trainer", "--config", f"{CONFIG_MOUNT}/{CONFIG_FILE}"],
+        "env": [
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "FINETUNE_GPUS", "value": str(spec.resources.gpus or 0)},
+            {"name": "HOME", "value": WORKSPACE},
+            {"name": "HF_HOME", "value": f"{WORKSPACE}/hf"},
+            {"name": "FINETUNE_CACHE", "value": f"{WORKSPACE}/cache"},
+            {"name": "PYTHONUNBUFFERED", "value": "1"},
+            *_storage_env(spec),
+        ],
+        "resources": _resources(spec),
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+            {"name": "workspace", "mountPath": WORKSPACE},
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "shm", "mountPath": "/dev/shm"},
+        ],
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": TRAINER_UID,
+            "runAsGroup": TRAINER_UID,
+            "fsGroup": TRAINER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [
+            {"name": "config", "configMap": {"name": config_name(meta["name"])}},
+            {"name": "workspace", "emptyDir": {}},
+            {"name": "tmp", "emptyDir": {}},
+            {"name": "shm", "emptyDir": {"medium": "Memory"}},
+        ],
+    }
+    if spec.resources.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.resources.node_selector)
+    if spec.resources.tolerations:
+        pod_spec["tolerations"] = [t.dump() for t in spec.resources.tolerations]
+    job_spec: dict[str, Any] = {
+        "backoffLimit": rp.backoff_limit,
+        "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+    }
+    if rp.active_deadline_seconds:
+        job_spec["activeDeadlineSeconds"] = rp.active_deadline_seconds
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": workload_name(meta["name"]),
+            "namespace": meta.get("namespace"),
+            "labels": labels(meta, "trainer"),
+        },
+        "spec": job_spec,
+    }

@@ -1,0 +1,373 @@
+"""The real operator against a real kube-apiserver + etcd + kube-controller-manager (Job controller, GC).
+
+Each test names one behaviour from the operator's contract and fails when it breaks.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from finetune_api.reports import Report, ReportKind, format_report
+from tests.integration.operator_harness import REPO, FakeKubeletLogs, OperatorProcess, wait_for
+
+pytestmark = pytest.mark.integration
+
+GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
+NODE = "fake-kubelet"
+OPERATOR_CONFIG = {
+    "defaults": {"image": "finetune-trainer:test", "imagePullPolicy": "Never", "gpus": 0, "cpu": "1", "memory": "1Gi"},
+    "pollSeconds": 1.0,
+}
+VALID_SPEC: dict[str, Any] = {
+    "model": {"uri": "s3://models/tiny-gpt2/"},
+    "task": "instruction",
+    "dataset": {
+        "train": "s3://data/qa.jsonl",
+        "template": {"prompt": "### Question:\n{question}\n### Answer:\n", "response": "{answer}"},
+    },
+    "method": {"type": "lora"},
+    "output": {"uri": "s3://out/job/"},
+    "storage": {"secretRef": {"name": "s3-credentials"}, "endpoint": "http://198.18.0.1:9000"},
+    "runPolicy": {"backoffLimit": 2},
+}
+
+
+def kubectl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["kubectl", *args], capture_output=True, text=True, check=check, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def crd(control_plane: Any, kube_api: Any) -> None:
+    kubectl("apply", "-f", str(REPO / "manifests" / "crd.yaml"))
+    ext = client.ApiextensionsV1Api(kube_api)
+
+    def established() -> bool:
+        conds = ext.read_custom_resource_definition(f"{PLURAL}.{GROUP}").status.conditions or []
+        return any(c.type == "Established" and c.status == "True" for c in conds)
+
+    wait_for("CRD established", established)
+
+
+@pytest.fixture(scope="module")
+def kubelet_logs(kube_api: Any) -> Iterator[FakeKubeletLogs]:
+    fake = FakeKubeletLogs()
+    core = client.CoreV1Api(kube_api)
+    try:
+        core.delete_node(NODE)
+        wait_for("old node gone", lambda: NODE not in [n.metadata.name for n in core.list_node().items])
+    except ApiException:
+        pass
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    core.create_node(
+        {
+            "metadata": {"name": NODE},
+            "status": {
+                "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
+                "daemonEndpoints": {"kubeletEndpoint": {"Port": fake.port}},
+                "conditions": [
+                    {"type": "Ready", "status": "True", "reason": "Fake", "lastHeartbeatTime": now,
+                     "lastTransitionTime": now},
+                ],
+            },
+        }
+    )  # fmt: skip
+    yield fake
+    fake.close()
+
+
+@pytest.fixture(scope="module")
+def operator(control_plane: Any, crd: None) -> Iterator[OperatorProcess]:
+    op = OperatorProcess(control_plane.kubeconfig, OPERATOR_CONFIG)
+    op.start()
+    yield op
+    op.stop()
+
+
+@pytest.fixture(autouse=True)
+def _operator_log_in_report(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    if "operator" in request.fixturenames:  # pytest shows this only for failing tests
+        print(request.getfixturevalue("operator").log_tail())
+
+
+class Jobs:
+    def __init__(self, api: Any, ns: str) -> None:
+        self.ns = ns
+        self.custom = client.CustomObjectsApi(api)
+        self.core = client.CoreV1Api(api)
+        self.batch = client.BatchV1Api(api)
+
+    def create(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": spec}
+        result: dict[str, Any] = self.custom.create_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, body)
+        return result
+
+    def get(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.custom.get_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, name)
+        return result
+
+    def status(self, name: str) -> dict[str, Any]:
+        return self.get(name).get("status") or {}
+
+    def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, name, {"spec": spec})
+
+    def wait_phase(self, name: str, phase: str, timeout: float = 20.0) -> dict[str, Any]:
+        return wait_for(  # type: ignore[no-any-return]
+            f"{name} phase {phase}", lambda: (s := self.status(name)).get("phase") == phase and s, timeout
+        )
+
+    def k8s_jobs(self) -> list[Any]:
+        return self.batch.list_namespaced_job(self.ns).items
+
+    def pods(self) -> list[Any]:
+        return sorted(self.core.list_namespaced_pod(self.ns).items, key=lambda p: p.metadata.creation_timestamp)
+
+    def events(self, name: str) -> list[Any]:
+        return [
+            e
+            for e in self.core.list_namespaced_event(self.ns).items
+            if e.involved_object.name == name and e.involved_object.kind == "FineTuneJob"
+        ]
+
+    def new_pod(self, known: int = 0) -> Any:
+        """Wait for the Job controller's next pod (one not yet bound to the node) and bind it."""
+        unbound = wait_for(
+            f"trainer pod #{known + 1}",
+            lambda: len(p := self.pods()) > known and [x for x in p if not x.spec.node_name],
+            timeout=40,
+        )
+        return self.bind(unbound[0])
+
+    def bind(self, pod: Any) -> Any:
+        """Play the scheduler: bind the pod to the fake node (whose log endpoint the test controls)."""
+        binding = {
+            "apiVersion": "v1",
+            "kind": "Binding",
+            "metadata": {"name": pod.metadata.name},
+            "target": {"apiVersion": "v1", "kind": "Node", "name": NODE},
+        }
+        self.core.create_namespaced_pod_binding(pod.metadata.name, self.ns, binding, _preload_content=False)
+        return pod
+
+    def set_pod(self, pod: Any, phase: str, **state: Any) -> None:
+        status = {
+            "phase": phase,
+            "containerStatuses": [
+                {"name": "trainer", "image": "finetune-trainer:test", "imageID": "", "ready": phase == "Running",
+                 "restartCount": 0, "state": state},
+            ],
+        }  # fmt: skip
+        if phase == "Running":
+            status["startTime"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.core.patch_namespaced_pod_status(pod.metadata.name, self.ns, {"status": status})
+
+
+@pytest.fixture
+def jobs(kube_api: Any, namespace: str) -> Jobs:
+    return Jobs(kube_api, namespace)
+
+
+def report(seq: int, kind: ReportKind, **kw: Any) -> str:
+    return format_report(Report(seq=seq, kind=kind, time="2026-01-01T00:00:00Z", **kw))
+
+
+# --- the API itself ---------------------------------------------------------------------------------------------
+
+
+def test_crd_installs_and_kubectl_explain_documents_fields(crd: None) -> None:
+    out = kubectl("explain", "ftj.spec.dataset").stdout
+    assert "Training and validation data" in out
+    assert "validation" in out and "template" in out
+    out = kubectl("explain", "finetunejobs.spec.hyperparameters.learningRate").stdout
+    assert "2e-4" in out
+    names = kubectl("api-resources", "--api-group", GROUP, "-o", "name").stdout
+    assert "finetunejobs.finetune.dev" in names
+
+
+def test_schema_rejects_wrong_types_with_422(crd: None, jobs: Jobs) -> None:
+    spec = copy.deepcopy(VALID_SPEC)
+    spec["hyperparameters"] = {"batchSize": "eight"}
+    with pytest.raises(ApiException) as err:
+        jobs.create("wrong-type", spec)
+    assert err.value.status == 422
+    assert "batchSize" in err.value.body
+    spec = copy.deepcopy(VALID_SPEC)
+    spec["task"] = "translation"
+    with pytest.raises(ApiException) as err:
+        jobs.create("wrong-enum", spec)
+    assert err.value.status == 422 and "task" in err.value.body
+
+
+# --- validation -------------------------------------------------------------------------------------------------
+
+INVALID = {
+    "chat-template": ({"task": "chat"}, "UnsupportedCombination", "spec.dataset.template"),
+    "qlora-no-gpu": ({"method": {"type": "qlora"}, "resources": {"gpus": 0}}, "GPURequired", "resources.gpus"),
+    "bad-uri": ({"output": {"uri": "gs://bucket/x"}}, "InvalidURI", "spec.output.uri"),
+    "template-field": ({"dataset": {**VALID_SPEC["dataset"], "dropColumns": ["answer"]}}, "TemplateError", "answer"),
+    "bad-memory": ({"resources": {"memory": "64"}}, "InvalidResources", "512Mi"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INVALID))
+def test_invalid_job_fails_with_reason_event_and_no_pod(operator: OperatorProcess, jobs: Jobs, case: str) -> None:
+    change, reason, words = INVALID[case]
+    jobs.create(case, {**copy.deepcopy(VALID_SPEC), **change})
+    status = jobs.wait_phase(case, "Failed")
+    assert status["reason"] == reason and words in status["message"]
+    validated = next(c for c in status["conditions"] if c["type"] == "Validated")
+    assert (validated["status"], validated["reason"]) == ("False", reason)
+    assert validated["observedGeneration"] == 1
+    events = wait_for("warning event", lambda: jobs.events(case))
+    assert any(e.reason == reason and words in e.message and e.type == "Warning" for e in events)
+    time.sleep(1.5)  # give a wrongly created workload the time to show up
+    assert jobs.k8s_jobs() == [] and jobs.pods() == []
+
+
+def test_fixing_an_invalid_job_starts_it(operator: OperatorProcess, jobs: Jobs) -> None:
+    jobs.create("fixme", {**copy.deepcopy(VALID_SPEC), "resources": {"memory": "64"}})
+    jobs.wait_phase("fixme", "Failed")
+    jobs.patch_spec("fixme", {"resources": {"memory": "2Gi"}})
+    status = jobs.wait_phase("fixme", "Pending")
+    assert status["observedGeneration"] == 2
+    assert [j.metadata.name for j in jobs.k8s_jobs()] == ["fixme-trainer"]
+
+
+# --- workload ---------------------------------------------------------------------------------------------------
+
+
+def test_valid_job_gets_its_workload_within_two_seconds(operator: OperatorProcess, jobs: Jobs) -> None:
+    wait_for("operator ready", lambda: "Watching" in operator.log_tail(400) or "Starting" in operator.log_tail(400))
+    start = time.monotonic()
+    ftj = jobs.create("fast", copy.deepcopy(VALID_SPEC))
+    wait_for("Job", lambda: jobs.k8s_jobs(), timeout=10, interval=0.05)
+    elapsed = time.monotonic() - start
+    assert elapsed < 2.0, f"workload took {elapsed:.2f}s"
+    job = jobs.k8s_jobs()[0]
+    assert job.metadata.name == "fast-trainer"
+    owner = job.metadata.owner_references[0]
+    assert (owner.kind, owner.uid, owner.controller) == ("FineTuneJob", ftj["metadata"]["uid"], True)
+    pod = job.spec.template.spec
+    assert pod.automount_service_account_token is False
+    assert pod.security_context.run_as_non_root is True
+    container = pod.containers[0]
+    assert container.security_context.capabilities.drop == ["ALL"]
+    env = {e.name: e for e in container.env}
+    assert env["AWS_SECRET_ACCESS_KEY"].value is None
+    assert env["AWS_SECRET_ACCESS_KEY"].value_from.secret_key_ref.name == "s3-credentials"
+    cm = jobs.core.read_namespaced_config_map("fast-config", jobs.ns)
+    assert "tiny-gpt2" in cm.data["job.yaml"] and cm.metadata.owner_references[0].uid == ftj["metadata"]["uid"]
+    status = jobs.wait_phase("fast", "Pending")
+    assert status["workload"] == "fast-trainer"
+
+
+def test_lifecycle_progress_and_verdict(operator: OperatorProcess, kubelet_logs: FakeKubeletLogs, jobs: Jobs) -> None:
+    jobs.create("life", copy.deepcopy(VALID_SPEC))
+    pod = jobs.new_pod()
+    key = (jobs.ns, pod.metadata.name)
+    kubelet_logs.logs[key] = "starting\n" + report(1, ReportKind.STAGE, stage="downloading") + "\n"
+    jobs.set_pod(pod, "Running", running={"startedAt": "2026-01-01T00:00:00Z"})
+    status = jobs.wait_phase("life", "Running", timeout=15)
+    assert status["startTime"] == "2026-01-01T00:00:00Z"
+
+    kubelet_logs.logs[key] += "\n".join(
+        [
+            report(
+                2, ReportKind.PROGRESS, step=40, total_steps=160, loss=2.25, tokens_per_second=1234.5, eta_seconds=90
+            ),
+            report(3, ReportKind.CHECKPOINT, step=40, uri="s3://out/job/checkpoints/checkpoint-40/"),
+            report(4, ReportKind.EVAL, step=40, metrics={"eval_loss": 2.5}),
+        ]
+    )
+    t0 = time.monotonic()
+    status = wait_for("progress", lambda: (s := jobs.status("life")).get("progress", {}).get("step") == 40 and s)
+    assert time.monotonic() - t0 < 15
+    assert status["progress"]["summary"] == "25% (40/160)" and status["loss"] == 2.25
+    assert status["progress"]["tokensPerSecond"] == 1234.5 and status["metrics"]["eval_loss"] == 2.5
+    assert status["checkpoints"] == [{"step": 40, "uri": "s3://out/job/checkpoints/checkpoint-40/", "metrics": {}}]
+    printed = kubectl("get", "ftj", "life", "-n", jobs.ns).stdout
+    assert "Running" in printed and "25% (40/160)" in printed and "2.25" in printed
+
+    final = report(9, ReportKind.OUTPUT, uri="s3://out/job/model/", manifest="s3://out/job/manifest.json")
+    jobs.set_pod(pod, "Succeeded", terminated={"exitCode": 0, "reason": "Completed", "message": final})
+    status = jobs.wait_phase("life", "Succeeded", timeout=20)
+    assert status["output"] == {"uri": "s3://out/job/model/", "manifest": "s3://out/job/manifest.json"}
+    assert status["completionTime"] and status["attempts"] == 1
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Succeeded"] == "True"
+
+
+def test_retry_then_user_error_is_final(operator: OperatorProcess, kubelet_logs: FakeKubeletLogs, jobs: Jobs) -> None:
+    jobs.create("retry", copy.deepcopy(VALID_SPEC))
+    first = jobs.new_pod()
+    kubelet_logs.logs[(jobs.ns, first.metadata.name)] = ""
+    jobs.set_pod(first, "Failed", terminated={"exitCode": 137, "reason": "OOMKilled"})
+    second = jobs.new_pod(known=1)  # the Job controller retries (after its backoff)
+    status = wait_for("attempt 2", lambda: (s := jobs.status("retry")).get("attempts") == 2 and s)
+    assert status["phase"] == "Pending"
+    error = report(5, ReportKind.ERROR, reason="DataError", message="qa.jsonl line 7: Expecting value")
+    kubelet_logs.logs[(jobs.ns, second.metadata.name)] = error
+    jobs.set_pod(second, "Failed", terminated={"exitCode": 2, "reason": "Error", "message": error})
+    status = jobs.wait_phase("retry", "Failed")
+    assert status["reason"] == "DataError" and "line 7" in status["message"]
+    job = jobs.batch.read_namespaced_job("retry-trainer", jobs.ns)
+    assert job.spec.parallelism == 0  # no third attempt for an error that retrying cannot fix
+    assert any(e.reason == "DataError" for e in jobs.events("retry"))
+
+
+def test_delete_removes_everything_it_created(operator: OperatorProcess, jobs: Jobs) -> None:
+    jobs.create("gone", copy.deepcopy(VALID_SPEC))
+    wait_for("pod", lambda: jobs.pods())
+    jobs.custom.delete_namespaced_custom_object(GROUP, VERSION, jobs.ns, PLURAL, "gone")
+    wait_for("children gone", lambda: not jobs.k8s_jobs() and not jobs.pods(), timeout=40)
+    assert jobs.core.list_namespaced_config_map(jobs.ns, label_selector="finetune.dev/job-name=gone").items == []
+
+
+def test_suspend_and_resume(operator: OperatorProcess, jobs: Jobs) -> None:
+    jobs.create("pause", copy.deepcopy(VALID_SPEC))
+    wait_for("Job", lambda: jobs.k8s_jobs())
+    jobs.patch_spec("pause", {"runPolicy": {"suspend": True}})
+    jobs.wait_phase("pause", "Suspended")
+    wait_for("Job deleted", lambda: not jobs.k8s_jobs(), timeout=20)
+    jobs.patch_spec("pause", {"runPolicy": {"suspend": False}})
+    jobs.wait_phase("pause", "Pending")
+    assert [j.metadata.name for j in wait_for("Job again", lambda: jobs.k8s_jobs())] == ["pause-trainer"]
+
+
+def test_operator_killed_mid_flight_makes_no_duplicate_and_loses_nothing(
+    control_plane: Any, crd: None, kubelet_logs: FakeKubeletLogs, jobs: Jobs, operator: OperatorProcess
+) -> None:
+    operator.kill()
+    try:
+        for i in range(3):
+            jobs.create(f"crash-{i}", copy.deepcopy(VALID_SPEC))
+        operator.start()
+        time.sleep(0.3)  # kill it again while it is handling the creations
+        operator.kill()
+        operator.start()
+        for i in range(3):
+            jobs.wait_phase(f"crash-{i}", "Pending", timeout=30)
+        operator.kill()
+        # A transition while no operator runs: the pod starts, then succeeds.
+        of_crash0 = [p for p in jobs.pods() if p.metadata.labels["finetune.dev/job-name"] == "crash-0"]
+        pod = jobs.bind(of_crash0[0])
+        kubelet_logs.logs[(jobs.ns, pod.metadata.name)] = report(1, ReportKind.PROGRESS, step=5, total_steps=5)
+        jobs.set_pod(pod, "Succeeded", terminated={"exitCode": 0, "reason": "Completed"})
+        operator.start()
+        status = jobs.wait_phase("crash-0", "Succeeded", timeout=30)
+        assert status["progress"]["step"] == 5
+        time.sleep(2)
+        names = sorted(j.metadata.name for j in jobs.k8s_jobs())
+        assert names == ["crash-0-trainer", "crash-1-trainer", "crash-2-trainer"]
+        assert len([p for p in jobs.pods() if p.metadata.labels["finetune.dev/job-name"] == "crash-1"]) == 1
+    finally:
+        if operator.proc is None or operator.proc.poll() is not None:
+            operator.start()

@@ -1,0 +1,127 @@
+"""Status is computed from observations: every phase, attempts, progress and the verdict."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from finetune_api.reports import Report, ReportKind, format_report
+from finetune_operator.observe import Observation, compute_status, fold_reports, pod_view, set_condition
+
+NOW = "2026-01-01T00:00:10Z"
+
+
+def pod(name: str, phase: str, **state: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "creationTimestamp": f"2026-01-01T00:00:0{name[-1]}Z"},
+        "status": {"phase": phase, "containerStatuses": [{"name": "trainer", "state": state}]},
+    }
+
+
+def job(**status: Any) -> dict[str, Any]:
+    return {"metadata": {"name": "j-trainer"}, "status": status}
+
+
+def rep(seq: int, kind: ReportKind, **kw: Any) -> Report:
+    return Report(seq=seq, kind=kind, time=NOW, **kw)
+
+
+def status_of(obs: Observation, prev: dict[str, Any] | None = None, suspended: bool = False) -> dict[str, Any]:
+    return compute_status(
+        prev or {"phase": "Pending"},
+        obs,
+        generation=1,
+        suspended=suspended,
+        backoff_limit=3,
+        keep_checkpoints=2,
+        now=NOW,
+    )
+
+
+def test_pending_explains_why() -> None:
+    p = pod("p1", "Pending", waiting={"reason": "ImagePullBackOff", "message": "image not found"})
+    s = status_of(Observation(job=job(active=1), pods=[pod_view(p)]))
+    assert (s["phase"], s["reason"], s["message"]) == ("Pending", "ImagePullBackOff", "image not found")
+    unsched = {
+        "metadata": {"name": "p1", "creationTimestamp": "x"},
+        "status": {
+            "phase": "Pending",
+            "conditions": [
+                {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/1 nodes: gpu"}
+            ],
+        },
+    }
+    s = status_of(Observation(job=job(active=1), pods=[pod_view(unsched)]))
+    assert s["reason"] == "Unschedulable" and "gpu" in s["message"]
+
+
+def test_running_with_progress() -> None:
+    p = pod("p1", "Running", running={"startedAt": "2026-01-01T00:00:02Z"})
+    reports = [rep(1, ReportKind.PROGRESS, step=30, total_steps=120, loss=2.5, tokens_per_second=900.0, eta_seconds=60)]
+    s = status_of(Observation(job=job(active=1), pods=[pod_view(p)], reports=reports))
+    assert s["phase"] == "Running"
+    assert s["progress"]["percent"] == 25.0 and s["progress"]["summary"] == "25% (30/120)"
+    assert s["loss"] == 2.5 and s["progress"]["tokensPerSecond"] == 900.0
+    assert s["startTime"] == "2026-01-01T00:00:02Z"
+    running = [c for c in s["conditions"] if c["type"] == "Running"][0]
+    assert running["status"] == "True" and running["observedGeneration"] == 1
+
+
+def test_succeeded_with_output() -> None:
+    p = pod("p1", "Succeeded", terminated={"exitCode": 0, "reason": "Completed"})
+    reports = [
+        rep(9, ReportKind.OUTPUT, uri="s3://o/j/model/", manifest="s3://o/j/manifest.json", metrics={"eval_loss": 1.0})
+    ]
+    s = status_of(
+        Observation(
+            job=job(succeeded=1, conditions=[{"type": "Complete", "status": "True"}]),
+            pods=[pod_view(p)],
+            reports=reports,
+        )
+    )
+    assert s["phase"] == "Succeeded" and s["completionTime"] == NOW
+    assert s["output"]["manifest"] == "s3://o/j/manifest.json" and s["metrics"]["eval_loss"] == 1.0
+
+
+def test_user_error_fails_at_once_with_the_trainers_reason() -> None:
+    err = rep(2, ReportKind.ERROR, reason="DataError", message="train.jsonl line 7: malformed JSON")
+    p = pod("p1", "Failed", terminated={"exitCode": 2, "reason": "Error", "message": format_report(err)})
+    s = status_of(Observation(job=job(active=0, failed=1), pods=[pod_view(p)]))
+    assert (s["phase"], s["reason"]) == ("Failed", "DataError")
+    assert "line 7" in s["message"]
+
+
+def test_retry_then_backoff_limit() -> None:
+    p1 = pod("p1", "Failed", terminated={"exitCode": 137, "reason": "OOMKilled"})
+    p2 = pod("p2", "Pending", waiting={"reason": "ContainerCreating"})
+    s = status_of(Observation(job=job(active=1, failed=1), pods=[pod_view(p1), pod_view(p2)]))
+    assert s["phase"] == "Pending" and s["attempts"] == 2
+    failed_job = job(failed=4, conditions=[{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}])
+    s = status_of(Observation(job=failed_job, pods=[pod_view(p1)]))
+    assert s["phase"] == "Failed" and s["attempts"] == 4 and "backoffLimit=3" in s["message"]
+
+
+def test_deadline_and_suspend() -> None:
+    dl = job(failed=1, conditions=[{"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}])
+    assert status_of(Observation(job=dl))["reason"] == "DeadlineExceeded"
+    assert status_of(Observation(job=job()), suspended=True)["phase"] == "Suspended"
+
+
+def test_terminal_phase_is_sticky() -> None:
+    prev = {"phase": "Succeeded", "reason": "Completed", "message": "done", "completionTime": "t0"}
+    s = status_of(Observation(job=None), prev=prev)
+    assert s["phase"] == "Succeeded" and s["completionTime"] == "t0"
+
+
+def test_fold_is_idempotent_and_keeps_last_checkpoints() -> None:
+    reports = [rep(i, ReportKind.CHECKPOINT, step=i * 10, uri=f"s3://o/c-{i * 10}/") for i in range(1, 5)]
+    once = fold_reports({}, reports, keep=2)
+    twice = fold_reports(once, reports, keep=2)
+    assert once == twice
+    assert [c["step"] for c in once["checkpoints"]] == [30, 40]
+
+
+def test_condition_transition_time_only_moves_on_change() -> None:
+    c1 = set_condition([], "Running", "True", "Training", "m", 1, "t1")
+    c2 = set_condition(c1, "Running", "True", "Training", "m2", 1, "t2")
+    c3 = set_condition(c2, "Running", "False", "Completed", "m3", 1, "t3")
+    assert c2[0]["lastTransitionTime"] == "t1" and c3[0]["lastTransitionTime"] == "t3"
