@@ -20,9 +20,11 @@ venv: $(VENV)/.installed
 
 generate: venv  ## regenerate the CRD in manifests/ and the chart from the API models
 	$(PY) -m finetune_api.crd
+	$(PY) -m finetune_api.docs
 
 check-generated: venv
 	$(PY) -m finetune_api.crd --check
+	$(PY) -m finetune_api.docs --check
 
 lint: venv
 	$(VENV)/bin/ruff check .

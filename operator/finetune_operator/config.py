@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -48,13 +49,34 @@ class Limits(_Model):
     allowed_uri_schemes: list[str] = Field(default_factory=lambda: ["s3", "file", "hf"])
 
 
+class TenantPolicy(_Model):
+    """Per-namespace overrides: only the keys given replace the platform-wide ones."""
+
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    limits: dict[str, Any] = Field(default_factory=dict)
+
+
 class OperatorConfig(_Model):
     defaults: Defaults = Field(default_factory=Defaults)
     limits: Limits = Field(default_factory=Limits)
+    # Namespace -> overrides, e.g. a research team gets more GPUs: {"research": {"limits": {"maxGpusPerJob": 16}}}
+    tenants: dict[str, TenantPolicy] = Field(default_factory=dict)
     # How often running jobs are observed (pod phase, trainer reports); status lags at most this much.
     poll_seconds: float = Field(default=3.0, gt=0)
     # Lines of trainer log read per poll; reports are idempotent so overlap is harmless.
     log_tail_lines: int = Field(default=400, ge=10)
+
+    def for_namespace(self, namespace: str | None) -> OperatorConfig:
+        """The policy that applies to jobs in `namespace` (tenant overrides merged over the platform's)."""
+        tenant = self.tenants.get(namespace or "")
+        if tenant is None:
+            return self
+        return self.model_copy(
+            update={
+                "defaults": Defaults.model_validate({**self.defaults.model_dump(by_alias=True), **tenant.defaults}),
+                "limits": Limits.model_validate({**self.limits.model_dump(by_alias=True), **tenant.limits}),
+            }
+        )
 
 
 def load_config(path: str | None = None) -> OperatorConfig:

@@ -98,7 +98,7 @@ def reconcile(
         current.get("workload") or current.get("observedGeneration") == generation
     ):
         return  # finished jobs stay finished; a spec edit only revives a job that failed validation
-    result = validate_spec(dict(spec), CONFIG)
+    result = validate_spec(dict(spec), CONFIG.for_namespace(meta["namespace"]))
     if not result.ok or result.spec is None:
         logger.info("invalid FineTuneJob: %s", result.message)
         patch.status.update(_fail_validation(body, current, generation, result.reason, result.message))
@@ -181,7 +181,7 @@ def observe_workload(
     suspended = bool(run_policy.get("suspend"))
     if obs.job is None and not suspended:
         # The Job vanished (deleted by hand, or a restart raced): recreate it; the trainer resumes.
-        result = validate_spec(dict(spec), CONFIG)
+        result = validate_spec(dict(spec), CONFIG.for_namespace(ns))
         if result.spec is not None:
             meta_d = {"name": name, "namespace": ns, "uid": meta["uid"], "generation": meta.get("generation")}
             if _create_workload(meta_d, result.spec, body):

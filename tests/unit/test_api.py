@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from finetune_api import crd
+from finetune_api import crd, docs
 from finetune_api.reports import Report, ReportKind, format_report, parse_reports
 from finetune_api.status import FineTuneJob
 
@@ -21,8 +21,9 @@ def test_examples_parse(path: Path) -> None:
     assert job.spec.output.uri.startswith("s3://")
 
 
-def test_generated_crd_is_in_sync() -> None:
+def test_generated_crd_and_reference_are_in_sync() -> None:
     assert crd.main(["--check"]) == 0, "run `make generate`"
+    assert docs.main(["--check"]) == 0, "run `make generate`"
 
 
 def _walk(node: Any, path: str = "") -> list[str]:
@@ -50,9 +51,9 @@ def test_crd_schema_is_structural_and_documented() -> None:
 
     def visit(node: dict[str, Any], path: str) -> None:
         for name, prop in (node.get("properties") or {}).items():
-            if path.startswith(".spec") or path.startswith(".status") or name in ("spec", "status"):
-                if not prop.get("description"):
-                    undocumented.append(f"{path}.{name}")
+            in_api = path.startswith((".spec", ".status")) or name in ("spec", "status")
+            if in_api and not prop.get("description"):
+                undocumented.append(f"{path}.{name}")
             visit(prop, f"{path}.{name}")
             if isinstance(prop.get("items"), dict):
                 visit(prop["items"], f"{path}.{name}[]")

@@ -62,7 +62,7 @@ def test_running_with_progress() -> None:
     assert s["progress"]["percent"] == 25.0 and s["progress"]["summary"] == "25% (30/120)"
     assert s["loss"] == 2.5 and s["progress"]["tokensPerSecond"] == 900.0
     assert s["startTime"] == "2026-01-01T00:00:02Z"
-    running = [c for c in s["conditions"] if c["type"] == "Running"][0]
+    running = next(c for c in s["conditions"] if c["type"] == "Running")
     assert running["status"] == "True" and running["observedGeneration"] == 1
 
 

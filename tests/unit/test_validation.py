@@ -136,3 +136,19 @@ def test_policy_limits_apply() -> None:
         "spec.image": "PolicyViolation",
         "spec.resources.memory": "PolicyViolation",
     }
+
+
+def test_tenant_overrides_apply_only_to_their_namespace() -> None:
+    cfg = OperatorConfig.model_validate(
+        {
+            "limits": {"maxGpusPerJob": 1},
+            "tenants": {"research": {"limits": {"maxGpusPerJob": 8}, "defaults": {"gpus": 4}}},
+        }
+    )
+    spec = spec_with(resources__gpus=None)
+    assert validate_spec(spec_with(resources__gpus=4), cfg).problems[0].reason == "PolicyViolation"
+    research = validate_spec(spec, cfg.for_namespace("research"))
+    assert research.spec is not None and research.spec.resources.gpus == 4
+    assert (
+        validate_spec(spec_with(resources__gpus=4), cfg.for_namespace("other")).problems[0].reason == "PolicyViolation"
+    )
