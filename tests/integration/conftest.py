@@ -32,7 +32,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO_ROOT / "scripts"
 K8S_BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy")
 
-# A first build takes 10-15 minutes on 2 cores; `up` with cached binaries takes seconds.
+# A cold build took ~7 min on 2 idle cores (longer when the CPU is shared); `up` with
+# cached binaries takes ~12 s.
 BUILD_TIMEOUT_S = 3600
 UP_TIMEOUT_S = 300
 
@@ -70,7 +71,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Give the first control-plane test room for a from-scratch build.
 
     The session fixture is set up inside the first test that needs it, so pytest-timeout
-    would count the 10-15 minute Kubernetes build against that one test.
+    would count the (cold: ~7 minute) Kubernetes build against that one test.
     """
     if _binaries_cached() or not config.pluginmanager.hasplugin("timeout"):
         return

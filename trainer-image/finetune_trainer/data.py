@@ -1,0 +1,394 @@
+"""Dataset preparation: files -> cleaned rows -> task samples -> tokenized ``datasets.Dataset``s.
+
+Order of operations (each documented in the spec): read the file, ``dataset.rename``, ``dataset.dropColumns``,
+whitespace cleanup (``cleanWhitespace``), drop rows whose task fields are empty (counted in the stats),
+``maxSamples`` (first N training rows), then the validation split when there is no validation file, then
+tokenization for the task. Bad data raises :class:`DataError` naming the file, line/row and field.
+
+Token layout per task (labels are -100 where no loss is taken):
+
+* causal-lm: ``[bos] text eos`` per sample. Packing (default) concatenates all samples and cuts blocks of
+  exactly ``blockSize`` tokens, dropping the remainder (if the whole split is shorter than one block, that
+  one shorter block is kept). Without packing each sample is truncated to ``maxSeqLength``.
+* instruction: ``[bos] prompt response eos``; the prompt is never truncated and the response is, but a row
+  whose prompt alone fills ``maxSeqLength`` is an error (nothing would be learnt from it).
+* chat: the tokenizer's chat template (or ``FALLBACK_CHAT_TEMPLATE``); loss on assistant turns only.
+* seq2seq: source -> ``input_ids``, target -> ``labels`` (``text_target``), each truncated to ``maxSeqLength``.
+* classification: text -> ``input_ids``, label id -> ``labels``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from finetune_api.spec import FineTuneJobSpec, Task
+from finetune_trainer.formats import (
+    DataError,
+    Table,
+    check_task_columns,
+    load_rows,
+    read_table,
+    rename_and_drop,
+    task_sample,
+)
+from finetune_trainer.splits import split_rows
+
+__all__ = [
+    "FALLBACK_CHAT_TEMPLATE",
+    "DataError",
+    "PreparedData",
+    "load_rows",
+    "make_collator",
+    "prepare_data",
+    "uses_packing",
+]
+
+IGNORE = -100
+
+# Used (and stored on the tokenizer, so the saved model and generation use the same format) when a tokenizer
+# has no chat template: "<|role|>\ncontent\n" per message, with the end-of-sequence token closing each assistant
+# turn so that the model learns where a reply ends.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{{ '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+
+@dataclass
+class PreparedData:
+    train: datasets.Dataset  # input_ids, attention_mask, labels
+    eval: datasets.Dataset | None  # same, or None when there is no validation data
+    eval_examples: list[dict[str, Any]]  # raw validation examples for generation/classification metrics
+    label_names: list[str] | None  # classification only, in id order
+    stats: dict[str, Any]
+
+
+def uses_packing(spec: FineTuneJobSpec) -> bool:
+    """Packing applies to causal-lm only; it is on unless ``hyperparameters.packing`` is false."""
+    return spec.task == Task.CAUSAL_LM and spec.hyperparameters.packing is not False
+
+
+def ensure_pad_token(tokenizer: Any) -> None:
+    """Decoder tokenizers often have no pad token; padding with EOS is safe because labels there are -100."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+
+
+def make_collator(spec: FineTuneJobSpec, tokenizer: Any, model: Any = None) -> Callable[[list[dict[str, Any]]], Any]:
+    """The batch collator for the task: equal-length blocks stack as they are, everything else is padded per
+    batch (labels with -100, so padding never counts in the loss)."""
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, default_data_collator
+
+    ensure_pad_token(tokenizer)
+    if spec.task == Task.CLASSIFICATION:
+        return DataCollatorWithPadding(tokenizer)  # type: ignore[no-any-return]
+    if uses_packing(spec):
+        return default_data_collator
+    return DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=IGNORE, padding=True)  # type: ignore[no-any-return]
+
+
+@dataclass
+class _Part:
+    """One split: the rows it came from (for error messages) and their samples."""
+
+    table: Table
+    samples: list[dict[str, Any]]
+
+    def take(self, indices: Sequence[int]) -> _Part:
+        return _Part(self.table.select(indices), [self.samples[i] for i in indices])
+
+
+def _read(path: Path, name: str, spec: FineTuneJobSpec, stats: dict[str, Any], role: str) -> _Part:
+    ds = spec.dataset
+    table = rename_and_drop(
+        read_table(path, str(ds.file_format), name), ds.rename, ds.drop_columns, ds.clean_whitespace
+    )
+    check_task_columns(table, ds, Task(spec.task))
+    kept, samples = [], []
+    for i in range(len(table.rows)):
+        sample = task_sample(table, i, ds, Task(spec.task))
+        if sample is not None:
+            kept.append(i)
+            samples.append(sample)
+    stats[f"{role}_rows_read"] = len(table.rows)
+    stats[f"{role}_rows_dropped_empty"] = len(table.rows) - len(kept)
+    stats[f"{role}_sha256"] = table.sha256
+    return _Part(table.select(kept), samples)
+
+
+# ---- labels ----------------------------------------------------------------------------------------------
+
+
+def _natural(label: str) -> tuple[int, int, str]:
+    return (0, int(label), "") if re.fullmatch(r"-?\d+", label) else (1, 0, label)
+
+
+def _label_ids(train: _Part, val: _Part | None, declared: list[str] | None) -> list[str]:
+    """Map raw labels to ids in place; returns the label names in id order."""
+    raw = [s["label"] for s in train.samples]
+    ints = [isinstance(v, int) and not isinstance(v, bool) for v in raw]
+    if declared:
+        names = list(declared)
+    elif all(ints):
+        names = [str(i) for i in range(max(raw) + 1)]
+    elif not any(ints) and all(isinstance(v, str) for v in raw):
+        names = sorted(set(raw), key=_natural)
+    else:
+        i = next(j for j, v in enumerate(raw) if isinstance(v, str) != isinstance(raw[0], str) or isinstance(v, bool))
+        raise DataError(
+            f"{train.table.where(i, 'label')}: label {raw[i]!r} mixes types with {raw[0]!r}; use all strings or all "
+            "integer ids"
+        )
+    index = {n: k for k, n in enumerate(names)}
+    for part, seen in ((train, None), (val, set(raw))):
+        for i, s in enumerate(part.samples if part else []):
+            value = s["label"]
+            lid = value if isinstance(value, int) and not isinstance(value, bool) else index.get(str(value))
+            unseen = seen is not None and not declared and value not in seen
+            if lid is None or not 0 <= lid < len(names) or unseen:
+                assert part is not None
+                what = "not among dataset.labels" if declared else "not seen in the training data"
+                raise DataError(
+                    f"{part.table.where(i, 'label')}: label {value!r} is {what}; known labels: {', '.join(names[:50])}"
+                )
+            s["label"] = lid
+    return names
+
+
+# ---- tokenization ----------------------------------------------------------------------------------------
+
+
+def _encode(tokenizer: Any, texts: Sequence[str], target: bool = False, **kwargs: Any) -> list[list[int]]:
+    """Batched tokenization (the fast tokenizers work on a whole batch in Rust)."""
+    out: list[list[int]] = []
+    for start in range(0, len(texts), 1000):
+        chunk = list(texts[start : start + 1000])
+        enc = tokenizer(text_target=chunk, **kwargs) if target else tokenizer(chunk, **kwargs)
+        out.extend(enc["input_ids"])
+    return out
+
+
+def _leading_specials(tokenizer: Any) -> list[int]:
+    """Tokens the tokenizer puts before any text (e.g. Llama's BOS); GPT-2 style tokenizers have none."""
+    ids = tokenizer("", add_special_tokens=True)["input_ids"]
+    stop = {tokenizer.eos_token_id, tokenizer.sep_token_id}
+    lead = []
+    for t in ids:
+        if t in stop:
+            break
+        lead.append(t)
+    return lead
+
+
+def _eos(tokenizer: Any) -> list[int]:
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+
+def _causal(part: _Part, tok: Any, spec: FineTuneJobSpec, stats: dict[str, Any]) -> dict[str, list[Any]]:
+    lead, eos = _leading_specials(tok), _eos(tok)
+    seqs = [lead + ids + eos for ids in _encode(tok, [s["text"] for s in part.samples], add_special_tokens=False)]
+    hp = spec.hyperparameters
+    if uses_packing(spec):
+        block = hp.block_size or hp.max_seq_length
+        stream = [t for ids in seqs for t in ids]
+        usable = len(stream) - len(stream) % block
+        seqs = [stream[i : i + block] for i in range(0, usable, block)]
+        stats["tokens_dropped_by_packing"] = stats.get("tokens_dropped_by_packing", 0) + len(stream) - usable
+        if not seqs and stream:  # the whole split is shorter than one block: keep it as one shorter block
+            seqs = [stream]
+            stats["tokens_dropped_by_packing"] -= len(stream)
+            stats["short_block"] = True
+    else:
+        stats["truncated"] += sum(len(ids) > hp.max_seq_length for ids in seqs)
+        seqs = [ids[: hp.max_seq_length] for ids in seqs]
+    return {"input_ids": seqs, "labels": [list(ids) for ids in seqs]}
+
+
+def _instruction(part: _Part, tok: Any, spec: FineTuneJobSpec, stats: dict[str, Any]) -> dict[str, list[Any]]:
+    lead, eos, limit = _leading_specials(tok), _eos(tok), spec.hyperparameters.max_seq_length
+    assert spec.dataset.template is not None
+    mask_prompt = spec.dataset.template.loss_on_response_only
+    prompts = _encode(tok, [s["prompt"] for s in part.samples], add_special_tokens=False)
+    responses = _encode(tok, [s["response"] for s in part.samples], add_special_tokens=False)
+    out: dict[str, list[Any]] = {"input_ids": [], "labels": []}
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        p, r = lead + p, r + eos
+        if len(p) >= limit:
+            raise DataError(
+                f"{part.table.where(i)}: the prompt alone is {len(p)} tokens and maxSeqLength is {limit}, so no "
+                "response token would be trained on; shorten the prompt or raise hyperparameters.maxSeqLength"
+            )
+        if len(p) + len(r) > limit:
+            stats["truncated"] += 1
+            r = r[: limit - len(p)]  # keep the whole prompt; the response loses its tail
+        out["input_ids"].append(p + r)
+        out["labels"].append(([IGNORE] * len(p) if mask_prompt else list(p)) + r)
+    return out
+
+
+def _chat_segments(tok: Any, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
+    """The rendered conversation as (text, is_assistant) pieces. The prefix rendered with a generation prompt
+    ends where a reply starts; the prefix including the reply ends where it ends (its end-of-turn tokens
+    included, which the model must learn to emit)."""
+
+    def render_(msgs: list[dict[str, str]], gen: bool) -> str:
+        return str(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen))
+
+    full = render_(messages, False)
+    pieces, pos = [], 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix, upto = render_(messages[:i], True) if i else "", render_(messages[: i + 1], False)
+        if full.startswith(prefix) and full.startswith(upto) and pos <= len(prefix) < len(upto):
+            start, end = len(prefix), len(upto)
+        else:  # a template that renders earlier turns differently: locate the reply's text instead
+            start = full.find(m["content"], pos)
+            end = start + len(m["content"])
+        if start >= pos:
+            pieces += [(full[pos:start], False), (full[start:end], True)]
+            pos = end
+    return [*pieces, (full[pos:], False)]
+
+
+def _chat(part: _Part, tok: Any, spec: FineTuneJobSpec, stats: dict[str, Any]) -> dict[str, list[Any]]:
+    if not getattr(tok, "chat_template", None):
+        tok.chat_template = FALLBACK_CHAT_TEMPLATE
+    limit = spec.hyperparameters.max_seq_length
+    out: dict[str, list[Any]] = {"input_ids": [], "labels": []}
+    for i, s in enumerate(part.samples):
+        segments = _chat_segments(tok, s["messages"])
+        encoded = _encode(tok, [text for text, _ in segments], add_special_tokens=False)
+        ids = [t for seg in encoded for t in seg]
+        labels = [t if learn else IGNORE for (_, learn), seg in zip(segments, encoded, strict=True) for t in seg]
+        if len(ids) > limit:
+            stats["truncated"] += 1
+            ids, labels = ids[:limit], labels[:limit]
+        if all(t == IGNORE for t in labels):
+            raise DataError(
+                f"{part.table.where(i, spec.dataset.fields.messages)}: no assistant token fits in maxSeqLength "
+                f"{limit}; shorten the conversation or raise hyperparameters.maxSeqLength"
+            )
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+    return out
+
+
+def _truncated(tok: Any, texts: list[str], limit: int, stats: dict[str, Any], target: bool = False) -> list[list[int]]:
+    full = _encode(tok, texts, target)
+    long = [i for i, ids in enumerate(full) if len(ids) > limit]
+    stats["truncated"] += len(long)
+    # Re-encode the long ones with the tokenizer's own truncation, which keeps closing special tokens (T5's </s>).
+    for i, ids in zip(
+        long, _encode(tok, [texts[i] for i in long], target, truncation=True, max_length=limit), strict=True
+    ):
+        full[i] = ids
+    return full
+
+
+def _seq2seq(part: _Part, tok: Any, spec: FineTuneJobSpec, stats: dict[str, Any]) -> dict[str, list[Any]]:
+    limit = spec.hyperparameters.max_seq_length
+    sources = _truncated(tok, [s["prompt"] for s in part.samples], limit, stats)
+    return {"input_ids": sources, "labels": _truncated(tok, [s["response"] for s in part.samples], limit, stats, True)}
+
+
+def _classification(part: _Part, tok: Any, spec: FineTuneJobSpec, stats: dict[str, Any]) -> dict[str, list[Any]]:
+    ids = _truncated(tok, [s["text"] for s in part.samples], spec.hyperparameters.max_seq_length, stats)
+    return {"input_ids": ids, "labels": [s["label"] for s in part.samples]}
+
+
+ENCODERS = {
+    Task.CAUSAL_LM: _causal,
+    Task.INSTRUCTION: _instruction,
+    Task.CHAT: _chat,
+    Task.SEQ2SEQ: _seq2seq,
+    Task.CLASSIFICATION: _classification,
+}
+
+
+def _eval_example(sample: dict[str, Any], task: Task) -> dict[str, Any] | None:
+    if task == Task.CLASSIFICATION:
+        return {"text": sample["text"], "label": sample["label"]}
+    if task == Task.CHAT:
+        msgs = sample["messages"]
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        return {"prompt_messages": msgs[:last], "reference": msgs[last]["content"]}
+    if "prompt" in sample:
+        return {"prompt": sample["prompt"], "reference": sample["response"]}
+    words = sample["text"].split(" ")  # causal-lm without template: continue the first half of the text
+    if len(words) < 2:
+        return None
+    half = len(words) // 2
+    return {"prompt": " ".join(words[:half]), "reference": " ".join(words[half:])}
+
+
+def _split_texts(part: _Part, task: Task) -> list[str]:
+    if task == Task.CHAT:
+        return [" ".join(m["content"] for m in s["messages"] if m["role"] != "assistant") for s in part.samples]
+    return [s.get("prompt") or s["text"] for s in part.samples]
+
+
+def prepare_data(
+    spec: FineTuneJobSpec, tokenizer: Any, train_path: Path, validation_path: Path | None = None
+) -> PreparedData:
+    """Read, clean, split and tokenize the job's data. ``train_path``/``validation_path`` are local copies of
+    ``spec.dataset.train``/``validation``; messages name the URIs from the spec."""
+    task, ds = Task(spec.task), spec.dataset
+    stats: dict[str, Any] = {"task": str(task), "truncated": 0, "packing": uses_packing(spec)}
+    ensure_pad_token(tokenizer)
+    train = _read(Path(train_path), ds.train, spec, stats, "train")
+    if ds.max_samples is not None:
+        train = train.take(range(min(ds.max_samples, len(train.samples))))
+    stats["train_rows_used"] = len(train.samples)
+    if not train.samples:
+        raise DataError(f"{ds.train}: no usable rows after cleanup ({stats['train_rows_read']} rows read, all empty)")
+    val = None
+    if validation_path is not None:
+        val = _read(Path(validation_path), ds.validation or str(validation_path), spec, stats, "validation")
+        if not val.samples:
+            raise DataError(f"{ds.validation or validation_path}: no usable rows after cleanup")
+    label_names = _label_ids(train, val, ds.labels) if task == Task.CLASSIFICATION else None
+    if val is None and ds.split.validation_ratio > 0:
+        train_idx, val_idx = split_rows(
+            str(ds.split.strategy),
+            ds.split.validation_ratio,
+            ds.split.seed,
+            labels=[s["label"] for s in train.samples] if task == Task.CLASSIFICATION else None,
+            texts=_split_texts(train, task),
+            clusters=ds.split.clusters,
+        )
+        train, val = train.take(train_idx), (train.take(val_idx) if val_idx else None)
+        stats["split"] = {"strategy": str(ds.split.strategy), "ratio": ds.split.validation_ratio, "seed": ds.split.seed}
+    hashes = [stats["train_sha256"], stats.get("validation_sha256", "")]
+    stats["dataset_sha256"] = hashlib.sha256("\n".join(hashes).encode()).hexdigest()
+    encode = ENCODERS[task]
+    out = {}
+    for role, part in (("train", train), ("eval", val)):
+        if part is None:
+            continue
+        cols = encode(part, tokenizer, spec, stats)
+        cols["attention_mask"] = [[1] * len(ids) for ids in cols["input_ids"]]
+        if not cols["input_ids"]:
+            raise DataError(f"{part.table.name}: no {role} samples left after tokenization")
+        stats[f"{role}_rows"] = len(part.samples)
+        stats[f"{role}_samples"] = len(cols["input_ids"])
+        stats[f"{role}_tokens"] = sum(len(ids) for ids in cols["input_ids"])
+        out[role] = datasets.Dataset.from_dict(cols)
+    if label_names is not None:
+        stats["num_labels"] = len(label_names)
+        counts = Counter(s["label"] for s in train.samples)
+        stats["train_label_counts"] = {label_names[k]: v for k, v in sorted(counts.items())}
+    examples = [e for s in (val.samples if val else []) if (e := _eval_example(s, task)) is not None]
+    return PreparedData(out["train"], out.get("eval"), examples, label_names, stats)

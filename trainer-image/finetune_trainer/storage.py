@@ -1,0 +1,568 @@
+"""One small storage layer for ``s3://`` object stores and local files (``file://`` URIs or plain paths).
+
+Why one layer: the trainer reads a base model and data and writes checkpoints and the final model, and
+every one of those may live on S3, an S3-compatible store (MinIO, Ceph) or a mounted volume. Callers
+pass URIs; this module hides which is which.
+
+S3 access uses the standard AWS environment (``AWS_ENDPOINT_URL``, ``AWS_REGION``/``AWS_DEFAULT_REGION``,
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``) through boto3's default
+credential chain, so IRSA / instance profiles work too; ``endpoint`` and ``region`` may be given
+explicitly (from ``spec.storage``). Credentials are never logged and never put in an error message.
+
+"Directory" semantics: an S3 prefix ``s3://b/models/run1`` is always read as ``s3://b/models/run1/`` by
+the prefix operations, so that ``run1`` never matches ``run10/...``.
+
+Integrity: downloads are written to a temporary file, their size checked against the object's
+``ContentLength`` (and the sha256 we store in the object's metadata on upload, when present) and only then
+renamed into place, so a reader never sees a half-written file. Uploads record a sha256 per file (for the
+output manifest) and are checked against ``head_object``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import unquote, urlparse
+
+import boto3
+from boto3.exceptions import S3UploadFailedError
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    EndpointConnectionError,
+    NoCredentialsError,
+)
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import ObjectIdentifierTypeDef
+
+MiB = 1024 * 1024
+SHA256_META = "sha256"  # x-amz-meta-sha256 on objects we upload
+COMPLETE_MARKER = ".complete.json"
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed; the message names the URI and what to check (never credentials)."""
+
+
+class StorageNotFound(StorageError, FileNotFoundError):
+    """The bucket, key, prefix or local path does not exist."""
+
+
+class IntegrityError(StorageError):
+    """A transferred file does not match the source (size or sha256)."""
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One transferred file, as it goes into a manifest.
+
+    ``path`` is relative to the uploaded directory (``upload_dir``) or the file name (``upload_file``).
+    """
+
+    path: str
+    size: int
+    sha256: str
+    uri: str
+
+
+@dataclass(frozen=True)
+class Location:
+    """A parsed URI: either an S3 object/prefix or a local path."""
+
+    uri: str
+    bucket: str | None = None
+    key: str = ""
+    local: Path | None = None
+
+    @property
+    def is_s3(self) -> bool:
+        return self.bucket is not None
+
+    @property
+    def prefix(self) -> str:
+        """The key as a "directory" prefix: ends with "/" unless it is the bucket root."""
+        return self.key if not self.key or self.key.endswith("/") else self.key + "/"
+
+
+def parse_uri(uri: str) -> Location:
+    """Split ``s3://bucket/key``, ``file:///abs/path`` or a plain path; other schemes are refused."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise StorageError(f"{uri}: no bucket name; expected s3://bucket/key")
+        return Location(uri=uri, bucket=parsed.netloc, key=parsed.path.lstrip("/"))
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise StorageError(f"{uri}: file:// URIs must be local (file:///absolute/path)")
+        return Location(uri=uri, local=Path(unquote(parsed.path)))
+    # A one-letter "scheme" is a Windows drive, anything with no scheme is a local path.
+    if parsed.scheme and len(parsed.scheme) > 1:
+        raise StorageError(f"{uri}: unsupported URI scheme {parsed.scheme!r}; use s3:// or file://")
+    return Location(uri=uri, local=Path(uri))
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """``join_uri("s3://b/run/", "model", "config.json")`` -> ``s3://b/run/model/config.json``."""
+    out = base.rstrip("/")
+    for part in parts:
+        out += "/" + part.strip("/")
+    return out
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(MiB), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _walk_files(root: Path) -> Iterator[Path]:
+    """Files under ``root`` in a stable order (sorted), skipping our temporary files."""
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and ".partial-" not in path.name:
+            yield path
+
+
+class Storage:
+    """S3 and local file operations behind one API. One instance holds one boto3 client (thread-safe)."""
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        region: str | None = None,
+        *,
+        max_attempts: int = 8,
+        retry_mode: Literal["standard", "adaptive"] = "adaptive",
+        multipart_threshold: int = 64 * MiB,
+        multipart_chunksize: int = 64 * MiB,
+        max_concurrency: int = 8,
+    ) -> None:
+        self.endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        self.region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        # "adaptive" adds client-side rate limiting on top of "standard" retries (throttling, 5xx, dropped
+        # connections), which is what a store that throttles a checkpoint upload burst needs.
+        self._config = Config(
+            region_name=self.region,
+            retries={"max_attempts": max_attempts, "mode": retry_mode},
+            connect_timeout=10,
+            read_timeout=120,
+            # S3-compatible stores (MinIO, Ceph, moto) are usually addressed by path, not virtual host.
+            s3={"addressing_style": "path"} if self.endpoint else {},
+        )
+        self.transfer = TransferConfig(
+            multipart_threshold=multipart_threshold,
+            multipart_chunksize=multipart_chunksize,
+            max_concurrency=max_concurrency,
+        )
+        self._client: S3Client | None = None
+
+    @property
+    def client(self) -> S3Client:
+        """Created on first S3 use, so purely local work needs no AWS configuration at all."""
+        if self._client is None:
+            self._client = boto3.session.Session().client(
+                "s3", endpoint_url=self.endpoint, region_name=self.region, config=self._config
+            )
+        return self._client
+
+    # ---- errors -------------------------------------------------------------------------------------
+
+    def _error(self, exc: Exception, uri: str, action: str) -> StorageError:
+        """A StorageError naming the URI and what to check. Only the error code goes in, never the
+        response body or request (a signature mismatch response can echo the access key id)."""
+        where = f" at endpoint {self.endpoint}" if self.endpoint else ""
+        if isinstance(exc, NoCredentialsError):
+            return StorageError(
+                f"{action} {uri}: no S3 credentials found; set spec.storage.secretRef (AWS_ACCESS_KEY_ID / "
+                "AWS_SECRET_ACCESS_KEY) or give the pod an IAM role"
+            )
+        if isinstance(exc, EndpointConnectionError | ConnectionClosedError):
+            return StorageError(
+                f"{action} {uri}: cannot reach the object store{where}; check spec.storage.endpoint and "
+                "the network path from the pod"
+            )
+        if not isinstance(exc, ClientError):
+            return StorageError(f"{action} {uri}: {type(exc).__name__}{where}")
+        code = _code(exc)
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code == "NoSuchBucket":
+            return self._no_bucket(uri, action)
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return StorageNotFound(f"{action} {uri}: no such object; check the key/path")
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"):
+            return StorageError(
+                f"{action} {uri}: the object store rejected the credentials ({code}){where}; check the "
+                "credentials Secret (spec.storage.secretRef) and that it belongs to this endpoint"
+            )
+        if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled"):
+            return StorageError(
+                f"{action} {uri}: access denied ({code}){where}; check the credentials Secret "
+                "(spec.storage.secretRef) and that they may use this bucket and prefix (bucket policy / IAM)"
+            )
+        return StorageError(f"{action} {uri}: object store error {code or 'unknown'} (HTTP {status}){where}")
+
+    def _bucket_exists(self, loc: Location, action: str) -> bool:
+        assert loc.bucket is not None
+        try:
+            self.client.head_bucket(Bucket=loc.bucket)
+        except ClientError as exc:
+            if _code(exc) in ("404", "NoSuchBucket", "NotFound"):
+                return False
+            raise self._error(exc, loc.uri, action) from None
+        except BotoCoreError as exc:
+            raise self._error(exc, loc.uri, action) from None
+        return True
+
+    def _no_bucket(self, uri: str, action: str) -> StorageNotFound:
+        where = f" at endpoint {self.endpoint}" if self.endpoint else ""
+        return StorageNotFound(
+            f"{action} {uri}: bucket {parse_uri(uri).bucket!r} does not exist{where}; check the bucket name, "
+            "spec.storage.endpoint and region"
+        )
+
+    def _missing(self, loc: Location, action: str) -> StorageNotFound:
+        """head_object answers a bare 404 both for a missing key and a missing bucket: ask which."""
+        if not self._bucket_exists(loc, action):
+            return self._no_bucket(loc.uri, action)
+        return StorageNotFound(f"{action} {loc.uri}: no such object in bucket {loc.bucket!r}; check the key")
+
+    def _head(self, loc: Location, action: str) -> dict[str, Any] | None:
+        """The object's head, or None when the key does not exist (a missing bucket is an error)."""
+        assert loc.bucket is not None
+        try:
+            return dict(self.client.head_object(Bucket=loc.bucket, Key=loc.key))
+        except ClientError as exc:
+            if _code(exc) not in ("404", "NoSuchKey", "NotFound"):
+                raise self._error(exc, loc.uri, action) from None
+        except BotoCoreError as exc:
+            raise self._error(exc, loc.uri, action) from None
+        if not self._bucket_exists(loc, action):
+            raise self._no_bucket(loc.uri, action)
+        return None
+
+    def _objects(self, loc: Location, action: str) -> list[tuple[str, int, str]]:
+        """(relative key, size, etag) of every object under the prefix, sorted by key."""
+        assert loc.bucket is not None
+        prefix = loc.prefix
+        out: list[tuple[str, int, str]] = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix):
+                for obj in page.get("Contents", []):
+                    rel = obj["Key"][len(prefix) :]
+                    if rel and not rel.endswith("/"):  # "folder" placeholder objects carry no data
+                        out.append((rel, int(obj["Size"]), str(obj.get("ETag", "")).strip('"')))
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, loc.uri, action) from None
+        return sorted(out)
+
+    # ---- single files -------------------------------------------------------------------------------
+
+    def download_file(self, uri: str, dest: str | Path) -> Path:
+        """Copy one object/file to ``dest`` (a file path), atomically and size-checked."""
+        loc, dest = parse_uri(uri), Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f"{dest.name}.partial-{uuid.uuid4().hex[:8]}")
+        try:
+            if loc.local is not None:
+                if not loc.local.is_file():
+                    raise StorageNotFound(f"download {uri}: no such file {loc.local}; check the path")
+                shutil.copyfile(loc.local, tmp)
+                expected_size, expected_sha = loc.local.stat().st_size, None
+            else:
+                head = self._head(loc, "download")
+                if head is None:
+                    raise StorageNotFound(f"download {uri}: no such object in bucket {loc.bucket!r}; check the key")
+                expected_size = int(head["ContentLength"])
+                expected_sha = head.get("Metadata", {}).get(SHA256_META)
+                try:
+                    assert loc.bucket is not None
+                    self.client.download_file(loc.bucket, loc.key, str(tmp), Config=self.transfer)
+                except (ClientError, BotoCoreError) as exc:
+                    raise self._error(exc, uri, "download") from None
+            size = tmp.stat().st_size
+            if size != expected_size:
+                raise IntegrityError(f"download {uri}: got {size} bytes, expected {expected_size}; retry")
+            if expected_sha and _sha256_file(tmp) != expected_sha:
+                raise IntegrityError(f"download {uri}: sha256 mismatch with the uploaded file; retry")
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return dest
+
+    def upload_file(self, path: str | Path, uri: str) -> FileRecord:
+        """Copy one local file to ``uri``; returns its size and sha256 for the manifest."""
+        path = Path(path)
+        if not path.is_file():
+            raise StorageNotFound(f"upload {uri}: local file {path} does not exist")
+        size, sha = path.stat().st_size, _sha256_file(path)
+        loc = parse_uri(uri)
+        if loc.local is not None:
+            loc.local.parent.mkdir(parents=True, exist_ok=True)
+            tmp = loc.local.with_name(f"{loc.local.name}.partial-{uuid.uuid4().hex[:8]}")
+            try:
+                shutil.copyfile(path, tmp)
+                os.replace(tmp, loc.local)
+            finally:
+                tmp.unlink(missing_ok=True)
+            return FileRecord(path=path.name, size=size, sha256=sha, uri=uri)
+        assert loc.bucket is not None
+        try:
+            self.client.upload_file(
+                str(path), loc.bucket, loc.key, ExtraArgs={"Metadata": {SHA256_META: sha}}, Config=self.transfer
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, uri, "upload") from None
+        except S3UploadFailedError as exc:  # boto3 wraps the ClientError; its context has the code
+            cause = exc.__cause__ or exc.__context__
+            err = cause if isinstance(cause, ClientError | BotoCoreError) else exc
+            raise self._error(err, uri, "upload") from None
+        head = self._head(loc, "upload")
+        if head is None or int(head["ContentLength"]) != size:
+            got = None if head is None else head["ContentLength"]
+            raise IntegrityError(f"upload {uri}: store reports {got} bytes, uploaded {size}; retry")
+        return FileRecord(path=path.name, size=size, sha256=sha, uri=uri)
+
+    def exists(self, uri: str) -> bool:
+        """True when ``uri`` is an existing file/object, or a "directory" with at least one file in it."""
+        loc = parse_uri(uri)
+        if loc.local is not None:
+            return loc.local.is_file() or (loc.local.is_dir() and any(_walk_files(loc.local)))
+        if loc.key and not loc.key.endswith("/") and self._head(loc, "check") is not None:
+            return True
+        assert loc.bucket is not None
+        try:
+            resp = self.client.list_objects_v2(Bucket=loc.bucket, Prefix=loc.prefix, MaxKeys=1)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, uri, "check") from None
+        return int(resp.get("KeyCount", 0)) > 0
+
+    def read_text(self, uri: str, encoding: str = "utf-8") -> str:
+        loc = parse_uri(uri)
+        if loc.local is not None:
+            if not loc.local.is_file():
+                raise StorageNotFound(f"read {uri}: no such file {loc.local}; check the path")
+            return loc.local.read_text(encoding=encoding)
+        assert loc.bucket is not None
+        try:
+            body = self.client.get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
+        except ClientError as exc:
+            missing = _code(exc) in ("404", "NoSuchKey")
+            raise (self._missing(loc, "read") if missing else self._error(exc, uri, "read")) from None
+        except BotoCoreError as exc:
+            raise self._error(exc, uri, "read") from None
+        return body.decode(encoding)
+
+    def write_text(self, uri: str, text: str, encoding: str = "utf-8") -> FileRecord:
+        data = text.encode(encoding)
+        loc = parse_uri(uri)
+        sha = hashlib.sha256(data).hexdigest()
+        name = uri.rstrip("/").rsplit("/", 1)[-1]
+        if loc.local is not None:
+            loc.local.parent.mkdir(parents=True, exist_ok=True)
+            tmp = loc.local.with_name(f"{loc.local.name}.partial-{uuid.uuid4().hex[:8]}")
+            tmp.write_bytes(data)
+            os.replace(tmp, loc.local)  # readers (e.g. a manifest poller) never see half a file
+        else:
+            assert loc.bucket is not None
+            try:
+                self.client.put_object(Bucket=loc.bucket, Key=loc.key, Body=data, Metadata={SHA256_META: sha})
+            except (ClientError, BotoCoreError) as exc:
+                raise self._error(exc, uri, "write") from None
+        return FileRecord(path=name, size=len(data), sha256=sha, uri=uri)
+
+    # ---- prefixes ("directories") ------------------------------------------------------------------
+
+    def list_prefix(self, uri: str) -> list[str]:
+        """Relative keys (posix paths) of all files under ``uri``, sorted. A missing prefix lists as []."""
+        loc = parse_uri(uri)
+        if loc.local is not None:
+            if not loc.local.is_dir():
+                return []
+            return [p.relative_to(loc.local).as_posix() for p in _walk_files(loc.local)]
+        return [rel for rel, _, _ in self._objects(loc, "list")]
+
+    def download_prefix(self, uri: str, dest_dir: str | Path) -> list[Path]:
+        """Download every file under ``uri`` into ``dest_dir`` keeping relative paths; returns local paths."""
+        dest_dir = Path(dest_dir)
+        rels = self.list_prefix(uri)
+        if not rels:
+            raise StorageNotFound(f"download {uri}: no files under this prefix; check the path")
+        out = []
+        for rel in rels:
+            target = (dest_dir / rel).resolve()
+            if not target.is_relative_to(dest_dir.resolve()):  # a key like "../x" must not escape dest_dir
+                raise StorageError(f"download {uri}: refusing key {rel!r} that points outside {dest_dir}")
+            out.append(self.download_file(join_uri(uri, rel), target))
+        return out
+
+    def upload_dir(self, local_dir: str | Path, uri: str) -> list[FileRecord]:
+        """Upload every file under ``local_dir`` to ``uri``; records carry paths relative to ``local_dir``."""
+        local_dir = Path(local_dir)
+        if not local_dir.is_dir():
+            raise StorageNotFound(f"upload {uri}: local directory {local_dir} does not exist")
+        records = []
+        for path in _walk_files(local_dir):
+            rel = path.relative_to(local_dir).as_posix()
+            rec = self.upload_file(path, join_uri(uri, rel))
+            records.append(FileRecord(path=rel, size=rec.size, sha256=rec.sha256, uri=rec.uri))
+        return records
+
+    def delete_prefix(self, uri: str) -> int:
+        """Delete every file under ``uri``; returns how many were deleted."""
+        loc = parse_uri(uri)
+        if loc.local is not None:
+            if not loc.local.exists():
+                return 0
+            count = len(list(_walk_files(loc.local))) if loc.local.is_dir() else 1
+            if loc.local.is_dir():
+                shutil.rmtree(loc.local)
+            else:
+                loc.local.unlink()
+            return count
+        assert loc.bucket is not None
+        keys = [loc.prefix + rel for rel, _, _ in self._objects(loc, "delete")]
+        for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
+            batch: list[ObjectIdentifierTypeDef] = [{"Key": k} for k in keys[start : start + 1000]]
+            try:
+                resp = self.client.delete_objects(Bucket=loc.bucket, Delete={"Objects": batch, "Quiet": True})
+            except (ClientError, BotoCoreError) as exc:
+                raise self._error(exc, uri, "delete") from None
+            if resp.get("Errors"):
+                first = resp["Errors"][0]
+                raise StorageError(
+                    f"delete {uri}: {len(resp['Errors'])} objects not deleted, e.g. {first.get('Key')} "
+                    f"({first.get('Code')}); check delete permissions"
+                )
+        return len(keys)
+
+    # ---- download cache -----------------------------------------------------------------------------
+
+    def _fingerprint(self, loc: Location) -> tuple[str, list[list[Any]]]:
+        """("file" | "dir", [[relative key, size, etag], ...]) describing what is at ``loc`` now."""
+        if loc.key and not loc.key.endswith("/"):
+            head = self._head(loc, "download")
+            if head is not None:
+                return "file", [["", int(head["ContentLength"]), str(head.get("ETag", "")).strip('"')]]
+        objects = self._objects(loc, "download")
+        if not objects:
+            if not self._bucket_exists(loc, "download"):
+                raise self._no_bucket(loc.uri, "download")
+            raise StorageNotFound(f"download {loc.uri}: nothing at this key or under this prefix; check the path")
+        return "dir", [list(o) for o in objects]
+
+    def cached_download(self, uri: str, cache_dir: str | Path) -> Path:
+        """Download a file or a "directory" (e.g. a model) once; later calls reuse it while it is unchanged.
+
+        The entry lives in ``cache_dir/<sha256(uri)[:24]>/`` and holds the payload (named after the last
+        path component, so a data file keeps its extension) and a completion marker listing every object's
+        size and ETag. A download goes to a temporary directory that is renamed into place only after the
+        marker is written, so an interrupted download is never used: the next call starts over. A cached
+        entry whose objects changed (different ETag or size) is downloaded again. Local paths are returned
+        as they are: there is nothing to cache.
+        """
+        loc = parse_uri(uri)
+        if loc.local is not None:
+            if not loc.local.exists():
+                raise StorageNotFound(f"download {uri}: no such file or directory {loc.local}; check the path")
+            return loc.local
+        kind, objects = self._fingerprint(loc)
+        cache_dir = Path(cache_dir)
+        entry = cache_dir / hashlib.sha256(uri.encode()).hexdigest()[:24]
+        name = loc.key.rstrip("/").rsplit("/", 1)[-1] or str(loc.bucket)
+        marker = entry / COMPLETE_MARKER
+        if marker.is_file():
+            try:
+                if json.loads(marker.read_text())["objects"] == objects:
+                    return entry / name
+            except (ValueError, KeyError):
+                pass  # a damaged marker means a damaged entry: download again
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{entry.name}.partial-", dir=cache_dir))
+        try:
+            if kind == "file":
+                self.download_file(uri, tmp / name)
+            else:
+                self.download_prefix(uri, tmp / name)
+            record = {"uri": uri, "kind": kind, "objects": objects}
+            (tmp / COMPLETE_MARKER).write_text(json.dumps(record, indent=1))
+            if entry.exists():
+                shutil.rmtree(entry)  # stale or interrupted: no marker, or objects changed
+            try:
+                os.rename(tmp, entry)
+            except OSError:
+                # Another process finished the same download first; use theirs when it is complete.
+                if not (entry / COMPLETE_MARKER).is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return entry / name
+
+
+def storage_for(endpoint: str | None = None, region: str | None = None) -> Storage:
+    """A Storage for ``spec.storage`` (endpoint/region may be None: the environment decides)."""
+    return Storage(endpoint=endpoint, region=region)
+
+
+# Module-level shortcuts for one-off calls; loops (checkpoint uploads) should keep one Storage instance.
+
+
+def download_file(uri: str, dest: str | Path, *, endpoint: str | None = None, region: str | None = None) -> Path:
+    return Storage(endpoint, region).download_file(uri, dest)
+
+
+def download_prefix(
+    uri: str, dest_dir: str | Path, *, endpoint: str | None = None, region: str | None = None
+) -> list[Path]:
+    return Storage(endpoint, region).download_prefix(uri, dest_dir)
+
+
+def upload_file(path: str | Path, uri: str, *, endpoint: str | None = None, region: str | None = None) -> FileRecord:
+    return Storage(endpoint, region).upload_file(path, uri)
+
+
+def upload_dir(
+    local_dir: str | Path, uri: str, *, endpoint: str | None = None, region: str | None = None
+) -> list[FileRecord]:
+    return Storage(endpoint, region).upload_dir(local_dir, uri)
+
+
+def list_prefix(uri: str, *, endpoint: str | None = None, region: str | None = None) -> list[str]:
+    return Storage(endpoint, region).list_prefix(uri)
+
+
+def exists(uri: str, *, endpoint: str | None = None, region: str | None = None) -> bool:
+    return Storage(endpoint, region).exists(uri)
+
+
+def read_text(uri: str, *, endpoint: str | None = None, region: str | None = None) -> str:
+    return Storage(endpoint, region).read_text(uri)
+
+
+def write_text(uri: str, text: str, *, endpoint: str | None = None, region: str | None = None) -> FileRecord:
+    return Storage(endpoint, region).write_text(uri, text)
+
+
+def delete_prefix(uri: str, *, endpoint: str | None = None, region: str | None = None) -> int:
+    return Storage(endpoint, region).delete_prefix(uri)
+
+
+def cached_download(uri: str, cache_dir: str | Path, *, endpoint: str | None = None, region: str | None = None) -> Path:
+    return Storage(endpoint, region).cached_download(uri, cache_dir)
