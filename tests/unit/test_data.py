@@ -292,13 +292,13 @@ def test_instruction_rename_drop_clean_first_n_template_and_masking(tmp_path: Pa
     for ids, labels in zip(data.train["input_ids"], data.train["labels"], strict=True):
         text = gpt_tok.decode(ids)
         i = text.split("pain number ")[1].split("?")[0]
-        prompt = f"### Question:\nQ. Why do I have pain number {i}?\n### Answer:\n"  # whitespace collapsed
+        prompt = f"### Question:\nQ. Why do I have\npain number {i}?\n### Answer:\n"  # spaces collapsed
         assert text == prompt + f"Hi. Rest and water, case {i}." + gpt_tok.eos_token
         n_prompt = len(gpt_tok(prompt)["input_ids"])
         assert labels[:n_prompt] == [IGNORE] * n_prompt  # the prompt is masked ...
         assert labels[n_prompt:] == ids[n_prompt:] and ids[-1] == gpt_tok.eos_token_id  # ... the answer is not
     assert all(set(ex) == {"prompt", "reference"} for ex in data.eval_examples)
-    assert data.eval_examples[0]["prompt"].startswith("### Question:\nQ. Why do I have pain number")
+    assert data.eval_examples[0]["prompt"].startswith("### Question:\nQ. Why do I have\npain number")
     assert isinstance(make_collator(spec, gpt_tok), DataCollatorForSeq2Seq)
 
 

@@ -203,12 +203,17 @@ def file_sha256(path: Path) -> str:
 
 # ---- row cleanup -----------------------------------------------------------------------------------------
 
-_SPACE = re.compile(r"\s+")
+_SPACE = re.compile(r"[^\S\n]+")  # whitespace other than newlines
+_BLANK_LINES = re.compile(r"\n\s*\n\s*")
 
 
 def clean_text(value: str) -> str:
-    """Strip and collapse every run of whitespace (newlines included) to one space."""
-    return _SPACE.sub(" ", value).strip()
+    """Strip the ends, collapse runs of spaces/tabs to one space and blank-line runs to one blank line.
+
+    Newlines are kept: they carry structure in code, poetry and multi-paragraph posts.
+    """
+    lines = (_SPACE.sub(" ", line).strip() for line in value.replace("\r\n", "\n").split("\n"))
+    return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
 
 
 def _clean_value(value: Any) -> Any:
