@@ -51,3 +51,4 @@ clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
 
 include scripts/control-plane.mk
+include scripts/cluster.mk

@@ -1,7 +1,7 @@
 # Local Kubernetes 1.20 control plane (etcd + kube-apiserver + kube-controller-manager)
 # for the integration test tier. Included from the top-level Makefile.
 #
-#   make control-plane        build the binaries if not cached (10-15 min once), then start
+#   make control-plane        build the binaries if not cached (~7 min once, cold), then start
 #   make control-plane-down   stop it and remove its state dir
 #
 # Afterwards: eval "$$(scripts/control-plane.sh env)" to point kubectl at it.

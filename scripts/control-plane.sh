@@ -68,7 +68,9 @@ live_pid() {
 
 log_tail() {  # last lines of a component's log, for error messages
   local f="$LOGS/$1.log"
-  [[ -f "$f" ]] && { echo "---- last 40 lines of $f ----"; tail -n 40 "$f"; } >&2 || true
+  if [[ -f "$f" ]]; then
+    { echo "---- last 40 lines of $f ----"; tail -n 40 "$f"; } >&2
+  fi
 }
 
 admin_token() { awk -F, '$2=="admin"{print $1}' "$PKI/tokens.csv"; }
@@ -203,17 +205,16 @@ cmd_up() {
     cmd_env
     return 0
   fi
-  if [[ -d "$STATE" ]]; then
-    # Partially running or left over (crash, reboot): start from scratch.
-    log "found a stale/partial control plane in $STATE; replacing it"
-    stop_all
-  fi
+  # Partially running or left over (crash, reboot, state dir deleted under
+  # running processes): clear it all and start from scratch.
+  [[ -d "$STATE" ]] && log "found a stale/partial control plane in $STATE; replacing it"
+  stop_all remove-state
 
   # Binaries: build them if the cache is empty (slow the first time only).
   local b
   for b in kube-apiserver kube-controller-manager; do
     if [[ ! -x "$BIN_DIR/$b" ]]; then
-      log "$BIN_DIR/$b missing; running scripts/k8s-build.sh (10-15 min the first time)"
+      log "$BIN_DIR/$b missing; running scripts/k8s-build.sh (~7 min the first time)"
       bash "$SCRIPT_DIR/k8s-build.sh" >&2
       break
     fi
@@ -227,6 +228,9 @@ cmd_up() {
 
   mkdir -p "$STATE" "$PIDS" "$LOGS"
   chmod 700 "$STATE"
+  # A failed `up` must not leave half a control plane running (nobody would
+  # call `down` for it); the logs stay in $STATE/logs for the error report.
+  trap 'log "up failed; stopping what was started (logs kept in $LOGS)"; stop_all keep-state' ERR
   make_pki
   write_kubeconfig "$KUBECONFIG_PATH" admin
   write_kubeconfig "$STATE/kube-controller-manager.kubeconfig" system:kube-controller-manager
@@ -271,6 +275,7 @@ cmd_up() {
     --kubelet-preferred-address-types InternalIP,Hostname \
     --profiling=false \
     --v 1
+  # shellcheck disable=SC2016  # evaluated later by wait_for, on purpose
   wait_for "kube-apiserver /readyz" kube-apiserver '[[ "$(api_get /readyz)" == ok ]]'
 
   # kube-controller-manager: runs the Job controller, garbage collector,
@@ -302,20 +307,35 @@ cmd_up() {
   wait_for "serviceaccount default/default with a token secret" kube-controller-manager \
     "api_get /api/v1/namespaces/default/serviceaccounts/default | grep -q '\"secrets\"'"
 
+  trap - ERR
   log "up in ${SECONDS}s; state dir $STATE"
   cmd_env
 }
 
-# Stop all recorded processes (TERM, then KILL after 10s) and remove the state.
+# Processes of ours whose pid file is gone (state dir partly deleted, e.g. by a
+# /tmp cleaner): recognised by their binary name AND a command line that names
+# this state dir, so nothing else on the machine is ever matched.
+orphan_pids() {
+  local name=$1 d exe
+  for d in /proc/[0-9]*; do
+    exe=$(readlink "$d/exe" 2>/dev/null) || continue
+    [[ "$(basename "${exe% (deleted)}")" == "$name" ]] || continue
+    tr '\0' '\n' <"$d/cmdline" 2>/dev/null | grep -qF -- "$STATE/" && echo "${d#/proc/}"
+  done
+  return 0
+}
+
+# Stop all our processes (TERM, then KILL after 10s) and remove the state dir
+# ($1: remove-state, or keep-state so that a failed `up` leaves its logs).
 stop_all() {
   local i name pid pids=()
   for (( i=${#COMPONENTS[@]}-1; i>=0; i-- )); do
     name=${COMPONENTS[i]}
-    if pid=$(live_pid "$name"); then
+    for pid in $( { live_pid "$name" || true; orphan_pids "$name"; } | sort -u); do
       log "stopping $name (pid $pid)"
       kill -TERM "$pid" 2>/dev/null || true
       pids+=("$pid")
-    fi
+    done
   done
   for pid in "${pids[@]}"; do
     for (( i=0; i<100; i++ )); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
@@ -324,14 +344,14 @@ stop_all() {
       kill -KILL "$pid" 2>/dev/null || true
     fi
   done
-  rm -rf "$STATE"
+  if [[ "$1" == remove-state ]]; then rm -rf "$STATE"; fi
 }
 
 cmd_down() {
   mkdir -p "$(dirname "$STATE")"
   exec 8>"$STATE.lock"
   flock 8
-  stop_all
+  stop_all remove-state
   log "down (removed $STATE)"
 }
 

@@ -183,8 +183,9 @@ class DatasetSpec(ApiModel):
         description="Classification label names in id order. Default: sorted distinct labels of the training set.",
     )
     clean_whitespace: bool = Field(
-        default=True, description="Strip text fields and collapse runs of spaces and of blank lines (newlines are kept). "
-        "Default: true."
+        default=True,
+        description="Strip text fields and collapse runs of spaces and of blank lines (newlines are kept). "
+        "Default: true.",
     )
     max_samples: int | None = Field(
         default=None, ge=1, description="Use only the first N training rows (after cleanup). Default: all."

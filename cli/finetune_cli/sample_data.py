@@ -79,7 +79,8 @@ def legal_advice(n: int, seed: int = 1) -> list[dict[str, Any]]:
 def text_lines(n: int, seed: int = 2) -> list[str]:
     rng = random.Random(seed)
     return [
-        f"I would like to visit {c} and see {capital}." for c, capital in (rng.choice(sorted(COUNTRIES.items())) for _ in range(n))
+        f"I would like to visit {c} and see {capital}."
+        for c, capital in (rng.choice(sorted(COUNTRIES.items())) for _ in range(n))
     ]
 
 

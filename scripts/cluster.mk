@@ -1,0 +1,28 @@
+# Local single-node Kubernetes 1.20 cluster (kubelet + containerd + kube-proxy + an S3 server) for
+# the e2e tier and the demo, and the images it runs. Included from the top-level Makefile.
+#
+#   make cluster        start it (idempotent; builds the Kubernetes binaries once if not cached),
+#                       then build + import the images
+#   make images         (re)build the pause and finetune-trainer images without Docker and import
+#                       them into the running cluster (first build 3-10 min, then seconds)
+#   make cluster-down   stop it and remove everything it made on the host (images stay cached)
+#
+# Afterwards: eval "$$(scripts/cluster.sh env)" for KUBECONFIG and FINETUNE_S3_ENDPOINT.
+# See docs/local-cluster.md.
+
+CLUSTER_SCRIPTS := $(dir $(lastword $(MAKEFILE_LIST)))
+
+.PHONY: cluster cluster-down cluster-status images
+
+cluster: venv
+	bash $(CLUSTER_SCRIPTS)cluster.sh up
+	bash $(CLUSTER_SCRIPTS)images/build.sh
+
+images: venv
+	bash $(CLUSTER_SCRIPTS)images/build.sh
+
+cluster-down:
+	bash $(CLUSTER_SCRIPTS)cluster.sh down
+
+cluster-status:
+	bash $(CLUSTER_SCRIPTS)cluster.sh status

@@ -1,0 +1,519 @@
+"""The Helm chart, rendered by a real helm 3 (scripts/helm.sh), checked without a cluster.
+
+What these tests pin: the chart lints; its policy ConfigMap is exactly what the operator's config model
+accepts (so chart and operator cannot drift); the values schema rejects mistakes before anything renders;
+RBAC stays least-privilege; the operator and test pods pass PodSecurity `restricted`; manifests/operator.yaml
+is a fresh render. helm is required: if scripts/helm.sh cannot provide it, the tests fail rather than skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from finetune_operator.config import Defaults, Limits, OperatorConfig
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "finetune-operator"
+HELM_SH = REPO / "scripts" / "helm.sh"
+NAMESPACE = "finetune-system"
+RELEASE = "finetune"
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    proc = subprocess.run(["bash", str(HELM_SH), "--path"], capture_output=True, text=True, timeout=600, check=False)
+    if proc.returncode != 0:
+        pytest.fail(f"scripts/helm.sh could not provide helm (rc={proc.returncode}):\n{proc.stderr}", pytrace=False)
+    return proc.stdout.strip()
+
+
+def run_helm(helm: str, *args: str, chart: Path = CHART) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([helm, *args, str(chart)], capture_output=True, text=True, timeout=120, check=False)
+
+
+def render(helm: str, *flags: str, chart: Path = CHART) -> list[dict[str, Any]]:
+    proc = run_helm(helm, "template", RELEASE, "--namespace", NAMESPACE, *flags, chart=chart)
+    assert proc.returncode == 0, proc.stderr
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+
+
+def one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = find(docs, kind, name)
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {[d['metadata']['name'] for d in found]}"
+    return found[0]
+
+
+def operator_config(docs: list[dict[str, Any]]) -> OperatorConfig:
+    """The policy ConfigMap's config.yaml, parsed exactly as the operator parses it."""
+    (cm,) = [d for d in find(docs, "ConfigMap") if "config.yaml" in d.get("data", {})]
+    return OperatorConfig.model_validate(yaml.safe_load(cm["data"]["config.yaml"]))
+
+
+def env_of(container: dict[str, Any]) -> dict[str, str | None]:
+    return {e["name"]: e.get("value") for e in container.get("env") or []}
+
+
+def values_file(tmp_path: Path, values: dict[str, Any]) -> str:
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+# ---- lint and render ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", [[], ["-f", str(CHART / "ci" / "local-values.yaml")]], ids=["defaults", "local"])
+def test_chart_lints_strictly(helm: str, values: list[str]) -> None:
+    proc = run_helm(helm, "lint", "--strict", *values)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_default_render_has_the_operator_objects(helm: str) -> None:
+    docs = render(helm)
+    kinds = sorted(d["kind"] for d in docs)
+    operator = ["ServiceAccount", "ConfigMap", "ClusterRole", "ClusterRoleBinding", "Deployment"]
+    smoke_test = ["ServiceAccount", "Role", "RoleBinding", "Pod"]
+    assert kinds == sorted([*operator, *smoke_test])
+    for doc in docs:
+        if doc["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
+            assert doc["metadata"]["namespace"] == NAMESPACE, doc["metadata"]
+
+
+# ---- the policy ConfigMap is the operator's config ---------------------------------------------------------------
+
+
+def test_default_policy_is_the_operators_builtin_policy(helm: str) -> None:
+    # Helm deletes a key set to null, so the operator's built-in default then applies: the chart's defaults
+    # must be those same values, or "unset" would mean two different things.
+    assert operator_config(render(helm)) == OperatorConfig()
+
+
+def test_every_policy_value_reaches_the_operator(helm: str, tmp_path: Path) -> None:
+    policy = {
+        "defaults": {
+            "image": "registry.example.com/ml/trainer:1.2",
+            "imagePullPolicy": "Always",
+            "gpus": 2,
+            "gpuResourceName": "amd.com/gpu",
+            "cpu": "8",
+            "memory": "64Gi",
+            "ephemeralStorage": "100Gi",
+            "storageEndpoint": "http://minio.storage:9000",
+            "storageRegion": "eu-west-1",
+            "nodeSelector": {"gpu": "true"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        },
+        "limits": {
+            "maxGpusPerJob": 4,
+            "maxCpu": "16",
+            "maxMemory": "128Gi",
+            "maxActiveDeadlineSeconds": 86400,
+            "allowedMethods": ["lora"],
+            "allowedImagePrefixes": ["registry.example.com/ml/"],
+            "allowedUriSchemes": ["s3"],
+        },
+        "tenants": {"research": {"limits": {"maxGpusPerJob": 16}, "defaults": {"gpus": 4}}},
+        "pollSeconds": 1.5,
+        "logTailLines": 1000,
+    }
+    cfg = operator_config(render(helm, "-f", values_file(tmp_path, {"policy": policy})))
+    assert cfg.model_dump(by_alias=True) == OperatorConfig.model_validate(policy).model_dump(by_alias=True)
+    research = cfg.for_namespace("research")
+    assert (research.limits.max_gpus_per_job, research.defaults.gpus, research.limits.max_cpu) == (16, 4, "16")
+
+
+def test_trainer_image_defaults_to_the_operator_image(helm: str) -> None:
+    cfg = operator_config(render(helm, "--set", "image.repository=reg.example.com/ft", "--set", "image.tag=9.9"))
+    assert cfg.defaults.image == "reg.example.com/ft:9.9"
+
+
+def test_empty_string_lifts_cpu_and_memory_limits(helm: str, tmp_path: Path) -> None:
+    values = {
+        "policy": {
+            "limits": {"maxCpu": "", "maxMemory": ""},
+            "tenants": {"team-a": {"limits": {"maxCpu": ""}}},
+        }
+    }
+    cfg = operator_config(render(helm, "-f", values_file(tmp_path, values)))
+    assert (cfg.limits.max_cpu, cfg.limits.max_memory) == (None, None)
+    assert cfg.tenants["team-a"].limits == {"maxCpu": None}
+
+
+def test_local_cluster_values_render_a_cpu_policy(helm: str) -> None:
+    docs = render(helm, "-f", str(CHART / "ci" / "local-values.yaml"))
+    cfg = operator_config(docs)
+    assert cfg.defaults.gpus == 0 and cfg.defaults.image_pull_policy == "Never"
+    deployment = one(docs, "Deployment")
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"] == "Never"
+
+
+def _pydantic_types(prop: dict[str, Any]) -> set[str]:
+    options = prop.get("anyOf", [prop])
+    return {o["type"] for o in options if "type" in o}
+
+
+@pytest.mark.parametrize(
+    ("model", "pointer"),
+    [(OperatorConfig, "policy"), (Defaults, "definitions/policyDefaults"), (Limits, "definitions/policyLimits")],
+    ids=["OperatorConfig", "Defaults", "Limits"],
+)
+def test_values_schema_matches_the_config_model(model: type[BaseModel], pointer: str) -> None:
+    """Same keys, same JSON types (nullability included), and bounds at least as strict as the model's."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    node: dict[str, Any] = schema
+    for part in pointer.split("/"):
+        node = node[part] if part in node else node["properties"][part]
+    assert node["additionalProperties"] is False
+    ours = node["properties"]
+    theirs = model.model_json_schema(by_alias=True)["properties"]
+    assert set(ours) == set(theirs)
+    for key, prop in theirs.items():
+        want = _pydantic_types(prop)
+        if not want:  # a nested model ($ref): checked by its own parametrization
+            continue
+        mine = ours[key]
+        if "$ref" in mine:
+            mine = schema["definitions"][mine["$ref"].split("/")[-1]]
+        got = set(mine["type"]) if isinstance(mine["type"], list) else {mine["type"]}
+        assert got == want, f"{key}: schema types {got} != model types {want}"
+        for bound in ("minimum", "exclusiveMinimum"):
+            limit = next((o[bound] for o in prop.get("anyOf", [prop]) if bound in o), None)
+            if limit is not None:
+                assert mine.get(bound, mine.get("minimum", float("-inf"))) >= limit, f"{key}: {bound} {limit}"
+
+
+# ---- the schema rejects mistakes at `helm template` -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--set", "policy.defaults.gpu=1"], "Additional property gpu is not allowed"),
+        (["--set", "polcy.pollSeconds=1"], "Additional property polcy is not allowed"),
+        (["--set", "policy.defaults.gpus=-1"], "policy.defaults.gpus"),
+        (["--set", "policy.defaults.cpu=4"], "Expected: string, given: integer"),
+        (["--set", "policy.pollSeconds=0"], "policy.pollSeconds"),
+        (["--set", "policy.defaults.imagePullPolicy=Sometimes"], "policy.defaults.imagePullPolicy"),
+        (["--set", "policy.defaults.memory=lots"], "policy.defaults.memory"),
+        (["--set", "policy.limits.allowedMethods={full,dpo}"], "policy.limits.allowedMethods"),
+        (["--set", "policy.tenants.team-a.limits.maxGpus=3"], "Additional property maxGpus is not allowed"),
+        (["--set", "watchNamespaces={team-*}"], "watchNamespaces"),
+        (["--set", "resources.limits.cpu=-1"], "resources.limits.cpu"),
+        (["--set", "replicas=2"], "Additional property replicas is not allowed"),
+        (["--set", "securityContext.privileged=yes"], "securityContext.privileged"),
+    ],
+)
+def test_schema_rejects_invalid_values(helm: str, flags: list[str], message: str) -> None:
+    proc = run_helm(helm, "template", RELEASE, *flags)
+    assert proc.returncode != 0, f"{flags} rendered:\n{proc.stdout[:500]}"
+    assert message in proc.stderr, proc.stderr
+
+
+# ---- RBAC ----------------------------------------------------------------------------------------------------
+
+OPERATOR_RULES = {
+    ("finetune.dev", "finetunejobs"): {"get", "list", "watch", "patch", "update"},
+    ("finetune.dev", "finetunejobs/status"): {"get", "patch", "update"},
+    ("batch", "jobs"): {"create", "get", "list", "watch", "patch", "delete"},
+    ("", "configmaps"): {"create", "get", "list", "patch"},
+    ("", "pods"): {"get", "list", "watch"},
+    ("", "pods/log"): {"get"},
+    ("", "events"): {"create", "patch"},
+}
+DISCOVERY_RULES = {
+    ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
+    ("", "namespaces"): {"list", "watch"},
+}
+
+
+def grants(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
+    """(apiGroup, resource) -> verbs of one Role or ClusterRole."""
+    out: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        assert not rule.get("resourceNames") and not rule.get("nonResourceURLs"), rule
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                out.setdefault((group, resource), set()).update(rule["verbs"])
+    return out
+
+
+def assert_least_privilege(role: dict[str, Any]) -> None:
+    for (group, resource), verbs in grants(role).items():
+        assert "*" not in (group, resource) and "*" not in verbs, f"wildcard in {role['metadata']['name']}"
+        assert resource != "secrets", f"{role['metadata']['name']} may touch Secrets"
+        assert resource not in ("pods/exec", "pods/attach", "pods/portforward", "pods/proxy"), resource
+        if resource == "pods":
+            assert verbs <= {"get", "list", "watch"}, verbs
+        assert "escalate" not in verbs and "bind" not in verbs and "impersonate" not in verbs
+
+
+@pytest.mark.parametrize("flags", [[], ["--set", "watchNamespaces={team-a,team-b}"]], ids=["cluster", "namespaced"])
+def test_rbac_is_least_privilege(helm: str, flags: list[str]) -> None:
+    docs = render(helm, *flags)
+    roles = find(docs, "ClusterRole") + find(docs, "Role")
+    assert roles
+    for role in roles:
+        assert_least_privilege(role)
+
+
+def test_cluster_wide_rbac_is_exactly_what_the_operator_uses(helm: str) -> None:
+    docs = render(helm)
+    role = one(docs, "ClusterRole")
+    assert grants(role) == OPERATOR_RULES | DISCOVERY_RULES
+    binding = one(docs, "ClusterRoleBinding")
+    sa = one(docs, "ServiceAccount", f"{RELEASE}-finetune-operator")
+    assert binding["roleRef"]["kind"] == "ClusterRole" and binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": NAMESPACE}]
+
+
+def test_namespaced_rbac_grants_only_discovery_cluster_wide(helm: str) -> None:
+    docs = render(helm, "--set", "watchNamespaces={team-a,team-b}", "--set", "test.enabled=false")
+    assert grants(one(docs, "ClusterRole")) == DISCOVERY_RULES
+    roles = find(docs, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    for role in roles:
+        assert grants(role) == OPERATOR_RULES
+    for binding in find(docs, "RoleBinding"):
+        assert binding["roleRef"]["name"] == roles[0]["metadata"]["name"]
+        assert binding["subjects"][0]["namespace"] == NAMESPACE
+    env = env_of(one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0])
+    assert env["WATCH_NAMESPACES"] == "team-a,team-b"
+
+
+def test_rbac_create_false_renders_no_rbac(helm: str) -> None:
+    docs = render(helm, "--set", "rbac.create=false", "--set", "test.enabled=false")
+    assert not [d for d in docs if d["apiVersion"].startswith("rbac.authorization.k8s.io")]
+
+
+def test_smoke_test_account_can_only_manage_finetunejobs(helm: str) -> None:
+    docs = render(helm, "--set", "watchNamespaces={team-a}")
+    role = one(docs, "Role", f"{RELEASE}-finetune-operator-smoke-test")
+    assert grants(role) == {("finetune.dev", "finetunejobs"): {"create", "get", "delete"}}
+    # The release namespace is not served, so the test job goes where the operator looks.
+    assert role["metadata"]["namespace"] == "team-a"
+    pod = one(docs, "Pod")
+    env = env_of(pod["spec"]["containers"][0])
+    assert env["SMOKE_NAMESPACE"] == "team-a"
+    assert pod["spec"]["serviceAccountName"] == role["metadata"]["name"]
+
+
+# ---- the Deployment and the test pod -------------------------------------------------------------------------
+
+RESTRICTED_VOLUME_TYPES = {
+    "configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret",
+}  # fmt: skip
+
+
+def restricted_violations(pod: dict[str, Any]) -> list[str]:
+    """What keeps a pod spec from PodSecurity `restricted` (the baseline checks included)."""
+    problems: list[str] = []
+    psc = pod.get("securityContext") or {}
+    for host in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(host):
+            problems.append(f"{host} is true")
+    for volume in pod.get("volumes") or []:
+        kinds = set(volume) - {"name"}
+        if not kinds <= RESTRICTED_VOLUME_TYPES:
+            problems.append(f"volume {volume['name']} uses {sorted(kinds - RESTRICTED_VOLUME_TYPES)}")
+    if psc.get("runAsUser") == 0:
+        problems.append("pod runAsUser is 0")
+    pod_seccomp = (psc.get("seccompProfile") or {}).get("type")
+    if pod_seccomp not in (None, "RuntimeDefault", "Localhost"):
+        problems.append(f"pod seccompProfile {pod_seccomp}")
+    for c in [*(pod.get("initContainers") or []), *pod["containers"]]:
+        sc, name = c.get("securityContext") or {}, c["name"]
+        if sc.get("privileged"):
+            problems.append(f"{name}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{name}: allowPrivilegeEscalation is not false")
+        caps = sc.get("capabilities") or {}
+        if "ALL" not in (caps.get("drop") or []):
+            problems.append(f"{name}: capabilities do not drop ALL")
+        if set(caps.get("add") or []) - {"NET_BIND_SERVICE"}:
+            problems.append(f"{name}: adds capabilities {caps['add']}")
+        if not sc.get("runAsNonRoot", psc.get("runAsNonRoot")):
+            problems.append(f"{name}: runAsNonRoot is not true")
+        if sc.get("runAsUser") == 0:
+            problems.append(f"{name}: runAsUser is 0")
+        seccomp = (sc.get("seccompProfile") or {}).get("type") or pod_seccomp
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            problems.append(f"{name}: no RuntimeDefault or Localhost seccomp profile")
+        if sc.get("procMount", "Default") != "Default":
+            problems.append(f"{name}: procMount {sc['procMount']}")
+        if any(p.get("hostPort") for p in c.get("ports") or []):
+            problems.append(f"{name}: hostPort")
+    return problems
+
+
+def test_restricted_checker_catches_violations() -> None:
+    good = {
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [
+            {"name": "c", "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}}
+        ],
+    }
+    assert restricted_violations(good) == []
+    bad = json.loads(json.dumps(good))
+    bad["hostNetwork"] = True
+    bad["volumes"] = [{"name": "h", "hostPath": {"path": "/"}}]
+    bad["securityContext"] = {}
+    bad["containers"][0]["securityContext"] = {"privileged": True, "capabilities": {"add": ["SYS_ADMIN"]}}
+    found = "\n".join(restricted_violations(bad))
+    for expected in (
+        "hostNetwork",
+        "hostPath",
+        "privileged",
+        "allowPrivilegeEscalation",
+        "drop ALL",
+        "SYS_ADMIN",
+        "runAsNonRoot",
+        "seccomp",
+    ):
+        assert expected in found
+
+
+def test_operator_and_test_pods_pass_restricted(helm: str) -> None:
+    docs = render(helm)
+    operator_pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert restricted_violations(operator_pod) == []
+    assert restricted_violations(one(docs, "Pod")["spec"]) == []
+    container = operator_pod["containers"][0]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    tmp = next(v for v in operator_pod["volumes"] if v["name"] == mounts["/tmp"])
+    assert "emptyDir" in tmp
+
+
+def test_deployment_runs_one_operator_with_liveness_and_its_config(helm: str) -> None:
+    docs = render(helm)
+    deployment = one(docs, "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    pod = spec["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is True
+    assert pod["serviceAccountName"] == one(docs, "ServiceAccount", f"{RELEASE}-finetune-operator")["metadata"]["name"]
+    container = pod["containers"][0]
+    assert container["command"] == [
+        "python", "-m", "finetune_operator", "--liveness", "http://0.0.0.0:8080/healthz",
+    ]  # fmt: skip
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        get = container[probe]["httpGet"]
+        assert get["path"] == "/healthz" and ports[get["port"]] == 8080, probe
+    # FINETUNE_OPERATOR_CONFIG names the file the policy ConfigMap is mounted as.
+    env = env_of(container)
+    config_path = Path(str(env["FINETUNE_OPERATOR_CONFIG"]))
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(config_path.parent))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    cm = one(docs, "ConfigMap", volume["configMap"]["name"])
+    assert config_path.name in cm["data"]
+    assert env["WATCH_NAMESPACES"] == ""
+    assert container["resources"]["limits"]["memory"] == "512Mi"
+
+
+def test_policy_change_rolls_the_operator(helm: str) -> None:
+    def checksum(*flags: str) -> str:
+        deployment = one(render(helm, *flags), "Deployment")
+        return str(deployment["spec"]["template"]["metadata"]["annotations"]["checksum/config"])
+
+    assert checksum() == checksum()
+    assert checksum() != checksum("--set", "policy.defaults.gpus=0")
+
+
+def test_smoke_test_pod_is_a_helm_test_hook_with_valid_python(helm: str) -> None:
+    pod = one(render(helm), "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    command = pod["spec"]["containers"][0]["command"]
+    assert command[:2] == ["python", "-c"]
+    compile(command[2], "smoke-finetunejob", "exec")  # a syntax error would only show up in a cluster
+    assert "ftp://" in command[2] and '"InvalidURI"' in command[2]
+
+
+def test_notes_tell_the_next_step(helm: str, tmp_path: Path) -> None:
+    # helm template does not render NOTES.txt (and .Files cannot see templates/): render a copy through tpl.
+    chart = tmp_path / "chart"
+    shutil.copytree(CHART, chart)
+    shutil.copy(CHART / "templates" / "NOTES.txt", chart / "notes-probe.txt")
+    (chart / "templates" / "notes-probe.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\n"
+        'data:\n  notes: {{ tpl (.Files.Get "notes-probe.txt") . | quote }}\n'
+    )
+    notes = one(render(helm, chart=chart), "ConfigMap", "notes")["data"]["notes"]
+    for expected in ("kubectl apply", "kubectl get ftj", "finetune status", f"helm test {RELEASE}"):
+        assert expected in notes
+
+
+# ---- manifests/operator.yaml and scripts/helm.sh ------------------------------------------------------------
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="chart-test-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_rendered_manifests_are_up_to_date(helm: str, scratch: Path) -> None:
+    fresh = scratch / "operator.yaml"
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "render-manifests.sh"), str(fresh)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    committed = REPO / "manifests" / "operator.yaml"
+    stale = "manifests/operator.yaml is stale: run scripts/render-manifests.sh"
+    assert committed.read_text() == fresh.read_text(), stale
+    docs = [d for d in yaml.safe_load_all(fresh.read_text()) if d]
+    assert docs[0] == {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {
+            "name": "finetune-system",
+            "labels": {"app.kubernetes.io/part-of": "finetune", "pod-security.kubernetes.io/enforce": "restricted"},
+        },
+    }
+    assert not find(docs, "Pod") and not find(docs, "CustomResourceDefinition")
+    assert {d["metadata"].get("namespace", "finetune-system") for d in docs} == {"finetune-system"}
+    assert operator_config(docs) == OperatorConfig()
+
+
+def test_helm_sh_needs_no_npm_once_cached(helm: str) -> None:
+    # Only the cached binary and coreutils are reachable: a second install attempt would fail for lack of npm.
+    env = {**os.environ, "PATH": "/usr/bin:/bin"}
+    bin_dir = Path(tempfile.mkdtemp(prefix="no-npm-"))
+    try:
+        for tool in ("bash", "env"):
+            (bin_dir / tool).symlink_to(shutil.which(tool) or f"/bin/{tool}")
+        env["PATH"] = str(bin_dir)
+        proc = subprocess.run(
+            [str(bin_dir / "bash"), str(HELM_SH), "version", "--short"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            check=False,
+        )
+    finally:
+        shutil.rmtree(bin_dir, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("v3."), proc.stdout

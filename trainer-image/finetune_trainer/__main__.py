@@ -1,0 +1,82 @@
+"""``python -m finetune_trainer --config FILE``: the trainer container's entry point.
+
+Exit codes (the operator's retry policy depends on them):
+    0  the model, report and manifest are uploaded
+    2  a user error (bad config, bad or missing data/model, unsupported hardware request): an ``error``
+       report with a reason is emitted first; retrying cannot help, so the operator does not retry
+    1  anything else (storage hiccup, OOM, preemption...): retryable, the next attempt resumes
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_OK, EXIT_RETRYABLE, EXIT_USER_ERROR = 0, 1, 2
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m finetune_trainer", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="FineTuneJob YAML (the operator's resolved config)")
+    parser.add_argument(
+        "--workdir",
+        default=os.environ.get("FINETUNE_WORKDIR") or str(Path.home() / "finetune-run"),
+        help="Local scratch directory (checkpoints, final model, report). Default: $FINETUNE_WORKDIR or "
+        "~/finetune-run.",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parse(argv)
+    # Hubs are opt-in (hf:// URIs); nothing else may reach out to one.
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    workdir = Path(args.workdir)
+
+    # Heavy imports after argument parsing: `--help` stays instant.
+    from finetune_trainer.distributed import is_main_process, launch_per_gpu, record_exit_code, should_launch_per_gpu
+
+    if should_launch_per_gpu():
+        return launch_per_gpu(argv, workdir)
+
+    from finetune_trainer.config import UserError, load_job
+    from finetune_trainer.reporting import Reporter, write_termination_log
+    from finetune_trainer.train import run
+
+    if not sys.stdout.isatty():
+        # Pod logs are for report lines and errors; download/map/save progress bars only add noise there.
+        import datasets
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+    reporter = Reporter(enabled=is_main_process())
+    code = EXIT_OK
+    try:
+        job = load_job(args.config)
+        run(job, reporter, workdir)
+    except UserError as exc:
+        reporter.error(exc.reason, exc.message)
+        code = EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        reporter.error("Interrupted", "the trainer was interrupted; the next attempt resumes from a checkpoint")
+        code = EXIT_RETRYABLE
+    except Exception as exc:
+        traceback.print_exc()
+        reporter.error("TrainerFailed", f"{type(exc).__name__}: {exc}"[:2000])
+        code = EXIT_RETRYABLE
+    if code != EXIT_OK and is_main_process() and reporter.last_error is not None:
+        write_termination_log(reporter.last_error)
+    record_exit_code(code)
+    sys.stdout.flush()
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

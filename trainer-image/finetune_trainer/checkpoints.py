@@ -1,0 +1,223 @@
+"""Checkpoints in the object store: background upload, completion markers, retention and resume.
+
+Layout: ``{output.uri}/checkpoints/checkpoint-{step}/...`` with ``_COMPLETE`` written LAST. A checkpoint
+without the marker is a partial upload (the pod was killed mid-way) and is never resumed from. Deletion
+removes the marker FIRST, so a half-deleted checkpoint is never mistaken for a complete one either. The
+result: killing the trainer at any instant loses at most the progress since the last complete checkpoint.
+
+Uploads run in one background thread (training continues) from a hard-linked snapshot of the checkpoint
+directory, because the Trainer may rotate (delete) its local copy while the upload is still running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from finetune_trainer.reporting import Reporter
+from finetune_trainer.storage import Storage, StorageNotFound, join_uri, parse_uri
+
+MARKER = "_COMPLETE"
+_STEP_DIR = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoints_uri(output_uri: str) -> str:
+    return join_uri(output_uri, "checkpoints")
+
+
+def checkpoint_uri(output_uri: str, step: int) -> str:
+    return join_uri(output_uri, "checkpoints", f"checkpoint-{step}")
+
+
+def step_of(path: str | os.PathLike[str] | None) -> int | None:
+    """The step of a ``.../checkpoint-N`` path, or None."""
+    if not path:
+        return None
+    match = _STEP_DIR.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def remote_steps(storage: Storage, output_uri: str) -> tuple[list[int], list[int]]:
+    """(complete steps, incomplete steps) under ``checkpoints/``, each sorted ascending."""
+    files: dict[int, set[str]] = {}
+    for rel in storage.list_prefix(checkpoints_uri(output_uri)):
+        head, _, rest = rel.partition("/")
+        step = step_of(head)
+        if step is not None and rest:
+            files.setdefault(step, set()).add(rest)
+    complete = sorted(s for s, names in files.items() if MARKER in names)
+    incomplete = sorted(s for s in files if s not in complete)
+    return complete, incomplete
+
+
+def _delete_object(storage: Storage, uri: str) -> None:
+    """One object (``delete_prefix`` treats its argument as a directory, so it cannot remove a single key)."""
+    loc = parse_uri(uri)
+    if loc.local is not None:
+        loc.local.unlink(missing_ok=True)
+        return
+    assert loc.bucket is not None
+    storage.client.delete_object(Bucket=loc.bucket, Key=loc.key)
+
+
+def delete_checkpoint(storage: Storage, output_uri: str, step: int) -> None:
+    """Marker first: from that instant the checkpoint is 'incomplete' to every reader, whatever happens next."""
+    uri = checkpoint_uri(output_uri, step)
+    _delete_object(storage, join_uri(uri, MARKER))
+    storage.delete_prefix(uri)
+
+
+def _download(storage: Storage, output_uri: str, step: int, local_root: Path) -> Path:
+    dest = local_root / f"checkpoint-{step}"
+    if dest.exists():
+        shutil.rmtree(dest)
+    storage.download_prefix(checkpoint_uri(output_uri, step), dest)
+    (dest / MARKER).unlink(missing_ok=True)
+    return dest
+
+
+def download_latest(storage: Storage, output_uri: str, local_root: Path) -> Path | None:
+    """Download the newest complete checkpoint into ``local_root`` (the Trainer's output_dir) for resuming.
+
+    The best checkpoint is downloaded too when it is another one, so load_best_model_at_end still works
+    after a resume; trainer_state.json is pointed at the local copies (it holds the previous pod's paths).
+    """
+    complete, _ = remote_steps(storage, output_uri)
+    if not complete:
+        return None
+    latest = _download(storage, output_uri, complete[-1], local_root)
+    state_file = latest / "trainer_state.json"
+    if state_file.is_file():
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        best = step_of(state.get("best_model_checkpoint"))
+        if best is not None and best != complete[-1]:
+            if best in complete:
+                try:
+                    state["best_model_checkpoint"] = str(_download(storage, output_uri, best, local_root))
+                except StorageNotFound:  # deleted between listing and download: keep training, lose "best"
+                    state["best_model_checkpoint"] = None
+            else:
+                state["best_model_checkpoint"] = None
+        elif best is not None:
+            state["best_model_checkpoint"] = str(latest)
+        state_file.write_text(json.dumps(state, indent=2), encoding="utf-8")
+    return latest
+
+
+def _snapshot(src: Path, dest: Path) -> None:
+    """Hard links: instant and no extra disk; the Trainer only ever deletes or writes new files."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    try:
+        shutil.copytree(src, dest, copy_function=os.link)
+    except OSError:  # another filesystem, or links not allowed
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(src, dest)
+
+
+def metrics_at(state: TrainerState, step: int) -> dict[str, float]:
+    """Loss and eval metrics logged at ``step`` (the checkpoint report carries them)."""
+    out: dict[str, float] = {}
+    for entry in state.log_history:
+        if entry.get("step") != step:
+            continue
+        for key, value in entry.items():
+            if key == "loss" or key.startswith("eval_"):
+                out[key] = value
+    return out
+
+
+class CheckpointUploader(TrainerCallback):
+    """Uploads each saved checkpoint in the background, then reports it and applies ``checkpoints.keep``."""
+
+    def __init__(
+        self, storage: Storage, output_uri: str, keep: int, reporter: Reporter, staging: Path, enabled: bool = True
+    ) -> None:
+        self.storage = storage
+        self.output_uri = output_uri
+        self.keep = keep
+        self.reporter = reporter
+        self.staging = staging
+        self.enabled = enabled
+        self.uploaded: list[int] = []
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
+        self._futures: list[Future[None]] = []
+        self._best: int | None = None
+        self._lock = threading.Lock()
+
+    # ---- Trainer hooks ----------------------------------------------------------------------------------
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if not self.enabled or not state.is_world_process_zero:
+            return
+        self.raise_failed()
+        step = state.global_step
+        src = Path(str(args.output_dir)) / f"checkpoint-{step}"
+        if not src.is_dir():
+            return
+        snap = self.staging / f"checkpoint-{step}"
+        _snapshot(src, snap)
+        with self._lock:
+            self._best = step_of(state.best_model_checkpoint)
+        self._futures.append(self._executor.submit(self._upload, step, snap, metrics_at(state, step)))
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self.raise_failed()  # a checkpoint that cannot be stored must stop the run, not be ignored
+
+    # ---- background work --------------------------------------------------------------------------------
+
+    def _upload(self, step: int, snap: Path, metrics: dict[str, float]) -> None:
+        uri = checkpoint_uri(self.output_uri, step)
+        # Leftovers of an upload of this step that a killed attempt left behind (no marker) go first.
+        self.storage.delete_prefix(uri)
+        records = self.storage.upload_dir(snap, uri)
+        marker = {
+            "step": step,
+            "files": [{"path": r.path, "size": r.size, "sha256": r.sha256} for r in records],
+            "metrics": metrics,
+        }
+        self.storage.write_text(join_uri(uri, MARKER), json.dumps(marker, indent=1))
+        self.uploaded.append(step)
+        self.reporter.checkpoint(step, uri, metrics)
+        shutil.rmtree(snap, ignore_errors=True)
+        self._rotate()
+
+    def _rotate(self) -> None:
+        """Keep the newest ``keep`` complete checkpoints and the best one; drop older partial uploads."""
+        complete, incomplete = remote_steps(self.storage, self.output_uri)
+        with self._lock:
+            best = self._best
+        protected = set(complete[-self.keep :])
+        if best is not None:
+            protected.add(best)
+        newest = complete[-1] if complete else -1
+        for step in complete:
+            if step not in protected:
+                delete_checkpoint(self.storage, self.output_uri, step)
+        for step in incomplete:
+            if step < newest:  # stale partial uploads; newer ones may belong to a later save of this run
+                self.storage.delete_prefix(checkpoint_uri(self.output_uri, step))
+
+    # ---- completion --------------------------------------------------------------------------------------
+
+    def raise_failed(self) -> None:
+        for fut in self._futures:
+            if fut.done() and fut.exception() is not None:
+                raise RuntimeError(f"checkpoint upload failed: {fut.exception()}") from fut.exception()
+
+    def wait(self) -> None:
+        """Block until every queued upload is done; re-raises the first failure."""
+        try:
+            for fut in self._futures:
+                fut.result()
+        finally:
+            self._executor.shutdown(wait=True)
