@@ -15,6 +15,7 @@ from finetune_operator.config import OperatorConfig, load_config
 from finetune_operator.observe import compute_status, set_condition
 from finetune_operator.validation import validate_spec
 
+# Loaded at import: the timer's interval (pollSeconds) is fixed when the handlers are registered.
 CONFIG: OperatorConfig = load_config()
 TERMINAL = (Phase.SUCCEEDED.value, Phase.FAILED.value)
 
@@ -158,7 +159,9 @@ def _has_workload(status: kopf.Status, **_: Any) -> bool:
     return bool(status.get("workload"))
 
 
-@kopf.timer(API_GROUP, API_VERSION, PLURAL, interval=3.0, initial_delay=1.0, idle=None, when=_has_workload)
+@kopf.timer(
+    API_GROUP, API_VERSION, PLURAL, interval=CONFIG.poll_seconds, initial_delay=1.0, idle=None, when=_has_workload
+)
 def observe_workload(
     body: kopf.Body,
     spec: kopf.Spec,

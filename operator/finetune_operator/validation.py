@@ -22,6 +22,7 @@ from finetune_api.spec import (
     Precision,
     SplitStrategy,
     Task,
+    Toleration,
 )
 from finetune_operator.config import OperatorConfig
 from finetune_operator.quantity import QuantityError, parse_quantity
@@ -64,6 +65,7 @@ TASK_METRICS: dict[Task, set[str]] = {
 }
 # Metric names as the trainer reports them (eval_<name>), for bestModelMetric.
 _REPORTED = {"rouge": ["rouge1", "rouge2", "rougeL"]}
+_DATA_EXTENSIONS = re.compile(r"\.(jsonl|ndjson|json|csv|tsv|txt)(\.gz)?$|\.(parquet|pq)$", re.IGNORECASE)
 _LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 
 
@@ -222,6 +224,18 @@ def _check_data(spec: FineTuneJobSpec) -> list[Problem]:
             problems.append(
                 Problem("InvalidField", "spec.dataset.dropColumns", f"{col!r} is the {role} column the task needs")
             )
+    if ds.file_format == "auto":
+        for name in ("train", "validation"):
+            uri = getattr(ds, name)
+            if uri and not _DATA_EXTENSIONS.search(uri):
+                problems.append(
+                    Problem(
+                        "InvalidField",
+                        f"spec.dataset.{name}",
+                        f"cannot tell the format of {uri!r} from its extension; use .jsonl, .json, .csv, .tsv, "
+                        ".parquet or .txt (optionally .gz), or set dataset.fileFormat",
+                    )
+                )
     hp = spec.hyperparameters
     if hp.packing and spec.task in (Task.SEQ2SEQ, Task.CLASSIFICATION):
         problems.append(
@@ -415,6 +429,8 @@ def resolve(spec: FineTuneJobSpec, cfg: OperatorConfig) -> FineTuneJobSpec:
             "memory": spec.resources.memory if spec.resources.memory is not None else d.memory,
             "ephemeral_storage": spec.resources.ephemeral_storage or d.ephemeral_storage,
             "node_selector": {**d.node_selector, **spec.resources.node_selector},
+            # The platform's tolerations (e.g. for a tainted GPU pool) first, then the tenant's own.
+            "tolerations": [Toleration.model_validate(t) for t in d.tolerations] + list(spec.resources.tolerations),
         }
     )
     storage = spec.storage.model_copy(

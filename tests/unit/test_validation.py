@@ -109,6 +109,7 @@ CASES = [
         "packing",
     ),
     ({"storage": {"endpoint": "minio:9000"}}, "InvalidURI", "spec.storage.endpoint", "http"),
+    ({"dataset__train": "s3://data/qa.xlsx"}, "InvalidField", "spec.dataset.train", "fileFormat"),
 ]
 
 
@@ -152,3 +153,12 @@ def test_tenant_overrides_apply_only_to_their_namespace() -> None:
     assert (
         validate_spec(spec_with(resources__gpus=4), cfg.for_namespace("other")).problems[0].reason == "PolicyViolation"
     )
+
+
+def test_platform_tolerations_are_added_to_the_tenants() -> None:
+    gpu_pool = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    cfg = OperatorConfig.model_validate({"defaults": {"tolerations": [gpu_pool]}})
+    own = {"key": "team", "operator": "Equal", "value": "a", "effect": "NoSchedule"}
+    result = validate_spec(spec_with(resources__tolerations=[own]), cfg)
+    assert result.spec is not None
+    assert [t.key for t in result.spec.resources.tolerations] == ["nvidia.com/gpu", "team"]
