@@ -23,8 +23,10 @@ from typing import Any
 
 import pytest
 import yaml
+from kubernetes import client
 
 REPO = Path(__file__).resolve().parents[2]
+CRD_NAME = "finetunejobs.finetune.dev"
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.2) -> Any:
@@ -120,3 +122,37 @@ class FakeKubeletLogs:
 
     def close(self) -> None:
         self.server.shutdown()
+
+
+def install_crd(kube_api: Any) -> None:
+    """kubectl apply the generated CRD and wait until the apiserver serves it."""
+    subprocess.run(["kubectl", "apply", "-f", str(REPO / "manifests" / "crd.yaml")], check=True, capture_output=True)
+    ext: Any = client.ApiextensionsV1Api(kube_api)
+
+    def established() -> bool:
+        conds = ext.read_custom_resource_definition(CRD_NAME).status.conditions or []
+        return any(c.type == "Established" and c.status == "True" for c in conds)
+
+    wait_for("CRD established", established)
+
+
+def register_fake_node(kube_api: Any, name: str, fake: FakeKubeletLogs) -> None:
+    """A Node whose kubelet endpoint is `fake`, so the apiserver proxies pod logs of pods bound to it there."""
+    core: Any = client.CoreV1Api(kube_api)
+    if name in [n.metadata.name for n in core.list_node().items]:
+        core.delete_node(name)
+        wait_for("old node gone", lambda: name not in [n.metadata.name for n in core.list_node().items])
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    core.create_node(
+        {
+            "metadata": {"name": name},
+            "status": {
+                "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
+                "daemonEndpoints": {"kubeletEndpoint": {"Port": fake.port}},
+                "conditions": [
+                    {"type": "Ready", "status": "True", "reason": "Fake", "lastHeartbeatTime": now,
+                     "lastTransitionTime": now},
+                ],
+            },
+        }
+    )  # fmt: skip

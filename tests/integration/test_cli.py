@@ -20,7 +20,7 @@ from kubernetes import client
 from finetune_api.reports import Report, ReportKind, format_report
 from finetune_cli.main import main
 from finetune_operator.builders import LABEL_COMPONENT, LABEL_UID
-from tests.integration.operator_harness import REPO, FakeKubeletLogs, wait_for
+from tests.integration.operator_harness import FakeKubeletLogs, install_crd, register_fake_node, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -37,33 +37,13 @@ SPEC: dict[str, Any] = {
 
 @pytest.fixture(scope="module")
 def crd(control_plane: Any, kube_api: Any) -> None:
-    subprocess.run(["kubectl", "apply", "-f", str(REPO / "manifests" / "crd.yaml")], check=True, capture_output=True)
-    ext: Any = client.ApiextensionsV1Api(kube_api)  # dicts in, dicts out: the typed models add nothing here
-
-    def established() -> bool:
-        conds = ext.read_custom_resource_definition(f"{PLURAL}.{GROUP}").status.conditions or []
-        return any(c.type == "Established" and c.status == "True" for c in conds)
-
-    wait_for("CRD established", established)
+    install_crd(kube_api)
 
 
 @pytest.fixture(scope="module")
 def kubelet_logs(kube_api: Any) -> Iterator[FakeKubeletLogs]:
-    """A Node whose kubelet log endpoint is the harness's HTTPS stand-in."""
     fake = FakeKubeletLogs()
-    core: Any = client.CoreV1Api(kube_api)
-    if NODE in [n.metadata.name for n in core.list_node().items]:
-        core.delete_node(NODE)
-        wait_for("old node gone", lambda: NODE not in [n.metadata.name for n in core.list_node().items])
-    core.create_node(
-        {
-            "metadata": {"name": NODE},
-            "status": {
-                "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
-                "daemonEndpoints": {"kubeletEndpoint": {"Port": fake.port}},
-            },
-        }
-    )
+    register_fake_node(kube_api, NODE, fake)
     yield fake
     fake.close()
 

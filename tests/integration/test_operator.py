@@ -16,7 +16,13 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from finetune_api.reports import Report, ReportKind, format_report
-from tests.integration.operator_harness import REPO, FakeKubeletLogs, OperatorProcess, wait_for
+from tests.integration.operator_harness import (
+    FakeKubeletLogs,
+    OperatorProcess,
+    install_crd,
+    register_fake_node,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -46,39 +52,13 @@ def kubectl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def crd(control_plane: Any, kube_api: Any) -> None:
-    kubectl("apply", "-f", str(REPO / "manifests" / "crd.yaml"))
-    ext = client.ApiextensionsV1Api(kube_api)
-
-    def established() -> bool:
-        conds = ext.read_custom_resource_definition(f"{PLURAL}.{GROUP}").status.conditions or []
-        return any(c.type == "Established" and c.status == "True" for c in conds)
-
-    wait_for("CRD established", established)
+    install_crd(kube_api)
 
 
 @pytest.fixture(scope="module")
 def kubelet_logs(kube_api: Any) -> Iterator[FakeKubeletLogs]:
     fake = FakeKubeletLogs()
-    core = client.CoreV1Api(kube_api)
-    try:
-        core.delete_node(NODE)
-        wait_for("old node gone", lambda: NODE not in [n.metadata.name for n in core.list_node().items])
-    except ApiException:
-        pass
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    core.create_node(
-        {
-            "metadata": {"name": NODE},
-            "status": {
-                "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
-                "daemonEndpoints": {"kubeletEndpoint": {"Port": fake.port}},
-                "conditions": [
-                    {"type": "Ready", "status": "True", "reason": "Fake", "lastHeartbeatTime": now,
-                     "lastTransitionTime": now},
-                ],
-            },
-        }
-    )  # fmt: skip
+    register_fake_node(kube_api, NODE, fake)
     yield fake
     fake.close()
 
