@@ -204,6 +204,8 @@ def observe_workload(
         kopf.warn(body, reason=new["reason"], message=new["message"])
     elif new.get("phase") == Phase.SUCCEEDED.value and current.get("phase") != Phase.SUCCEEDED.value:
         kopf.info(body, reason="Succeeded", message=new["message"])
+    elif new.get("phase") == Phase.RUNNING.value and current.get("phase") != Phase.RUNNING.value:
+        kopf.info(body, reason="TrainerStarted", message=f"attempt {new['attempts']} is running")
     changed = {k: v for k, v in new.items() if current.get(k) != v}
     if changed:
         patch.status.update(changed)

@@ -258,6 +258,7 @@ def test_lifecycle_progress_and_verdict(operator: OperatorProcess, kubelet_logs:
     jobs.set_pod(pod, "Running", running={"startedAt": "2026-01-01T00:00:00Z"})
     status = jobs.wait_phase("life", "Running", timeout=15)
     assert status["startTime"] == "2026-01-01T00:00:00Z"
+    wait_for("TrainerStarted event", lambda: any(e.reason == "TrainerStarted" for e in jobs.events("life")))
 
     kubelet_logs.logs[key] += "\n".join(
         [
