@@ -41,6 +41,11 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.networking.request_timeout = 60
 
 
+def _normal_event(body: kopf.Body, reason: str, message: str) -> None:
+    """A Normal Event. kopf.info would be dropped by the WARNING posting level that silences handler chatter."""
+    kopf.event(body, type="Normal", reason=reason, message=message)
+
+
 def _fail_validation(
     body: kopf.Body, status: dict[str, Any], generation: int | None, reason: str, message: str
 ) -> dict[str, Any]:
@@ -146,7 +151,7 @@ def reconcile(
         return
     created = _create_workload(meta_d, resolved, body)
     if created:
-        kopf.info(body, reason="WorkloadCreated", message=f"created Job {workload}")
+        _normal_event(body, reason="WorkloadCreated", message=f"created Job {workload}")
     conds = set_condition(conds, ConditionType.WORKLOAD_CREATED, "True", "Created", f"Job {workload}", generation, ts)
     update: dict[str, Any] = {"conditions": conds, "observedGeneration": generation, "workload": workload}
     if current.get("phase") in (None, Phase.FAILED.value, Phase.SUSPENDED.value):
@@ -188,7 +193,7 @@ def observe_workload(
         if result.spec is not None:
             meta_d = {"name": name, "namespace": ns, "uid": meta["uid"], "generation": meta.get("generation")}
             if _create_workload(meta_d, result.spec, body):
-                kopf.info(body, reason="WorkloadRecreated", message=f"Job {workload} was missing; recreated it")
+                _normal_event(body, reason="WorkloadRecreated", message=f"Job {workload} was missing; recreated it")
         return
     new = compute_status(
         current,
@@ -203,9 +208,9 @@ def observe_workload(
         kube.stop_job(ns, workload)  # no further retries: the failure is final (user error or backoff limit)
         kopf.warn(body, reason=new["reason"], message=new["message"])
     elif new.get("phase") == Phase.SUCCEEDED.value and current.get("phase") != Phase.SUCCEEDED.value:
-        kopf.info(body, reason="Succeeded", message=new["message"])
+        _normal_event(body, reason="Succeeded", message=new["message"])
     elif new.get("phase") == Phase.RUNNING.value and current.get("phase") != Phase.RUNNING.value:
-        kopf.info(body, reason="TrainerStarted", message=f"attempt {new['attempts']} is running")
+        _normal_event(body, reason="TrainerStarted", message=f"attempt {new['attempts']} is running")
     changed = {k: v for k, v in new.items() if current.get(k) != v}
     if changed:
         patch.status.update(changed)
