@@ -140,7 +140,9 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
-    raise SystemExit("finetune demo: not yet")
+    from finetune_cli import demo
+
+    return demo.run_demo(out)
 
 
 # ---- wiring -------------------------------------------------------------------------------------------------

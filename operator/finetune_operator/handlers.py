@@ -125,7 +125,7 @@ def reconcile(
     workload = builders.workload_name(meta["name"])
     if resolved.run_policy.suspend:
         if kube.delete_job(meta["namespace"], workload):
-            kopf.info(
+            _normal_event(
                 body,
                 reason="Suspended",
                 message="trainer stopped; unsuspend to resume from the last checkpoint",
