@@ -83,6 +83,10 @@ class FineTuneJobStatus(ApiModel):
     observed_generation: int | None = Field(default=None, description="Spec generation last acted on.")
     workload: str | None = Field(default=None, description="Name of the batch Job running the trainer.")
     attempts: int = Field(default=0, description="Trainer pods started so far (retries resume).")
+    trainer_pods: list[str] = Field(
+        default_factory=list,
+        description="Names of the trainer pods seen so far (the newest 32), for counting attempts.",
+    )
     start_time: str | None = Field(default=None, description="When the first trainer pod started.")
     completion_time: str | None = Field(default=None, description="When the job reached Succeeded or Failed.")
     progress: Progress | None = Field(default=None, description="Latest training progress.")
@@ -90,7 +94,6 @@ class FineTuneJobStatus(ApiModel):
     metrics: dict[str, float] = Field(default_factory=dict, description="Latest metrics (train and eval).")
     checkpoints: list[CheckpointRecord] = Field(default_factory=list, description="Uploaded checkpoints kept.")
     output: OutputRecord | None = Field(default=None, description="The final model, once uploaded.")
-    last_report_seq: int | None = Field(default=None, description="Last trainer report folded in (dedup).")
 
 
 class FineTuneJobMeta(ApiModel):

@@ -15,6 +15,7 @@ from typing import Any
 from finetune_api.reports import Report, ReportKind, parse_reports
 from finetune_api.status import ConditionType, Phase
 
+_PODS_REMEMBERED = 32
 USER_ERROR_EXIT_CODE = 2  # the trainer's "your config or data is wrong": retrying cannot help
 _WAITING_PROBLEMS = {
     "ErrImagePull",
@@ -208,11 +209,16 @@ def compute_status(
     pods, job = obs.pods, obs.job
     latest = pods[-1] if pods else None
     job_status = (job or {}).get("status") or {}
+    # Count every trainer pod ever seen, not the ones that exist now: a force-deleted pod vanishes without the
+    # Job controller counting it as failed, yet it was an attempt.
+    seen = list(prev.get("trainerPods") or [])
+    fresh = [p.name for p in pods if p.name not in seen]
     attempts = max(
-        int(prev.get("attempts") or 0),
+        int(prev.get("attempts") or 0) + len(fresh),
         len(pods),
         int(job_status.get("failed") or 0) + int(job_status.get("succeeded") or 0) + int(job_status.get("active") or 0),
     )
+    status["trainerPods"] = (seen + fresh)[-_PODS_REMEMBERED:]
     status["attempts"] = attempts
     started = [p.started_at for p in pods if p.started_at]
     if started and not status.get("startTime"):

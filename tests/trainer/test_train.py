@@ -781,3 +781,20 @@ def test_resume_takes_newest_complete_checkpoint_and_fetches_the_best(env: Env) 
     assert not (local / "checkpoint-30").exists()
     assert not (resume / MARKER).exists()
     assert download_latest(env.store, f"s3://{env.bucket}/elsewhere", env.tmp / "empty") is None
+
+
+def test_resume_ignores_checkpoints_of_another_job(env: Env) -> None:
+    """A new job reusing a deleted job's output.uri starts afresh; its own (and owner-less) checkpoints count."""
+    from finetune_trainer.checkpoints import MARKER, download_latest
+
+    src = env.tmp / "src"
+    for step, owner in ((10, "uid-new"), (20, None), (30, "uid-old")):
+        path = _fake_checkpoint(src, step)
+        env.store.upload_dir(path, f"{env.out}/checkpoints/checkpoint-{step}")
+        env.store.write_text(f"{env.out}/checkpoints/checkpoint-{step}/{MARKER}", json.dumps({"owner": owner}))
+
+    assert download_latest(env.store, env.out, env.tmp / "a", owner="uid-new") == env.tmp / "a" / "checkpoint-20"
+    assert download_latest(env.store, env.out, env.tmp / "b", owner="uid-old") == env.tmp / "b" / "checkpoint-30"
+    assert download_latest(env.store, env.out, env.tmp / "c") == env.tmp / "c" / "checkpoint-30"
+    env.store.write_text(f"{env.out}/checkpoints/checkpoint-20/{MARKER}", json.dumps({"owner": "uid-old"}))
+    assert download_latest(env.store, env.out, env.tmp / "d", owner="uid-new") == env.tmp / "d" / "checkpoint-10"

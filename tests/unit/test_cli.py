@@ -158,9 +158,31 @@ def test_run_refuses_an_invalid_job_before_training(tmp_path: Path) -> None:
     assert not (tmp_path / "wd").exists()  # the trainer never started
 
 
-def test_demo_is_not_there_yet() -> None:
-    with pytest.raises(SystemExit, match="not yet"):
-        main(["demo"])
+def test_demo_runs_the_demo_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    from finetune_cli import demo
+
+    monkeypatch.setattr(demo, "run_demo", lambda out: print("demo ran", file=out) or 3)
+    assert cli("demo") == (3, "demo ran\n")
+
+
+def test_demo_progress_line_shows_steps_loss_throughput_and_eta() -> None:
+    from finetune_cli import demo
+
+    status = {
+        "phase": "Running",
+        "loss": 5.1,
+        "progress": {
+            "step": 20,
+            "totalSteps": 40,
+            "percent": 50.0,
+            "tokensPerSecond": 4300.0,
+            "etaSeconds": 4,
+            "stage": "training",
+        },
+    }
+    line = demo.progress_text({"status": status})
+    for part in ("Running", "step 20/40", "loss 5.1", "4300 tok/s", "ETA 4s", "(training)"):
+        assert part in line, line
 
 
 # ---- report lines ---------------------------------------------------------------------------------------------

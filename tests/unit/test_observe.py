@@ -125,3 +125,13 @@ def test_condition_transition_time_only_moves_on_change() -> None:
     c2 = set_condition(c1, "Running", "True", "Training", "m2", 1, "t2")
     c3 = set_condition(c2, "Running", "False", "Completed", "m3", 1, "t3")
     assert c2[0]["lastTransitionTime"] == "t1" and c3[0]["lastTransitionTime"] == "t3"
+
+
+def test_a_vanished_pod_still_counts_as_an_attempt() -> None:
+    """kubectl delete --force removes the pod without the Job controller counting a failure."""
+    first = status_of(Observation(job=job(active=1), pods=[pod_view(pod("p1", "Running", running={}))]))
+    assert first["attempts"] == 1
+    again = status_of(Observation(job=job(active=1), pods=[pod_view(pod("p1", "Running", running={}))]), prev=first)
+    assert again["attempts"] == 1
+    second = status_of(Observation(job=job(active=1), pods=[pod_view(pod("p2", "Pending"))]), prev=again)
+    assert second["attempts"] == 2 and second["trainerPods"] == ["p1", "p2"]

@@ -84,13 +84,27 @@ def _download(storage: Storage, output_uri: str, step: int, local_root: Path) ->
     return dest
 
 
-def download_latest(storage: Storage, output_uri: str, local_root: Path) -> Path | None:
+def _owner_of(storage: Storage, output_uri: str, step: int) -> str | None:
+    try:
+        marker = json.loads(storage.read_text(join_uri(checkpoint_uri(output_uri, step), MARKER)))
+    except (StorageNotFound, ValueError):
+        return None
+    owner = marker.get("owner") if isinstance(marker, dict) else None
+    return str(owner) if owner else None
+
+
+def download_latest(storage: Storage, output_uri: str, local_root: Path, owner: str | None = None) -> Path | None:
     """Download the newest complete checkpoint into ``local_root`` (the Trainer's output_dir) for resuming.
 
+    With ``owner`` (the FineTuneJob's UID) only checkpoints written by that job count: a job that reuses the
+    output.uri of a deleted job of the same name must start afresh, not "resume" someone else's finished run.
+    Checkpoints without an owner (written by `finetune run`) are accepted by anyone.
     The best checkpoint is downloaded too when it is another one, so load_best_model_at_end still works
     after a resume; trainer_state.json is pointed at the local copies (it holds the previous pod's paths).
     """
     complete, _ = remote_steps(storage, output_uri)
+    if owner is not None:
+        complete = [s for s in complete if _owner_of(storage, output_uri, s) in (None, owner)]
     if not complete:
         return None
     latest = _download(storage, output_uri, complete[-1], local_root)
@@ -140,8 +154,16 @@ class CheckpointUploader(TrainerCallback):
     """Uploads each saved checkpoint in the background, then reports it and applies ``checkpoints.keep``."""
 
     def __init__(
-        self, storage: Storage, output_uri: str, keep: int, reporter: Reporter, staging: Path, enabled: bool = True
+        self,
+        storage: Storage,
+        output_uri: str,
+        keep: int,
+        reporter: Reporter,
+        staging: Path,
+        enabled: bool = True,
+        owner: str | None = None,
     ) -> None:
+        self.owner = owner  # the FineTuneJob UID, recorded in each marker (see download_latest)
         self.storage = storage
         self.output_uri = output_uri
         self.keep = keep
@@ -184,6 +206,7 @@ class CheckpointUploader(TrainerCallback):
             "step": step,
             "files": [{"path": r.path, "size": r.size, "sha256": r.sha256} for r in records],
             "metrics": metrics,
+            "owner": self.owner,
         }
         self.storage.write_text(join_uri(uri, MARKER), json.dumps(marker, indent=1))
         self.uploaded.append(step)

@@ -393,13 +393,19 @@ def run(job: FineTuneJob, reporter: Reporter, workdir: Path) -> Outcome:
         if main:
             shutil.rmtree(output_dir, ignore_errors=True)  # the remote checkpoints are the only truth
             output_dir.mkdir(parents=True, exist_ok=True)
-            resume = download_latest(storage, spec.output.uri, output_dir)
+            resume = download_latest(storage, spec.output.uri, output_dir, owner=job.metadata.uid)
         _barrier()
         if not main:
             local = sorted(output_dir.glob("checkpoint-*"), key=lambda p: step_of(p) or 0)
             resume = local[-1] if local else None
         uploader = CheckpointUploader(
-            storage, spec.output.uri, spec.checkpoints.keep, reporter, workdir / "staging", enabled=main
+            storage,
+            spec.output.uri,
+            spec.checkpoints.keep,
+            reporter,
+            workdir / "staging",
+            enabled=main,
+            owner=job.metadata.uid,
         )
         progress = ProgressCallback(reporter)
         callbacks: list[Any] = [progress, uploader]
