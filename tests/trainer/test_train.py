@@ -626,10 +626,13 @@ def test_kill_minus_9_then_resume_continues_from_checkpoint(env: Env) -> None:
     resumed_loss = progress[0].loss
     assert resumed_loss is not None
     assert resumed_loss < initial_loss - 0.5 * (initial_loss - loss_at_ckpt)
-    # Optimizer state, data order and RNG are restored too: steps logged by both attempts agree.
+    # Optimizer state, data order and RNG are restored too: steps logged by both attempts agree. Not bit for
+    # bit: CPU kernels sum in thread-dependent order, and under load runs drift by a few tenths of a percent
+    # (seen: 0.3%); a lost optimizer state or another data order moves the loss by far more than 1%.
     before = dict(first_losses)
     both = [(r.step, r.loss, before[r.step]) for r in progress if r.step in before]
-    assert all(a == pytest.approx(b, rel=1e-3) for _, a, b in both), both
+    assert both
+    assert all(a == pytest.approx(b, rel=1e-2) for _, a, b in both), both
     # The curves in the report include the steps before the kill (trainer state came with the checkpoint).
     history = env.json("report/log_history.json")
     assert min(e["step"] for e in history if "loss" in e) == 1
