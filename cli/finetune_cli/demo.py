@@ -28,8 +28,8 @@ from typing import Any, TextIO
 
 import yaml
 
-from finetune_api.status import TERMINAL_PHASES, Phase
-from finetune_cli.kube import CliError, Kube
+from finetune_api.status import Phase
+from finetune_cli.kube import CliError, Kube, follow
 from finetune_cli.render import bar, duration, number, table
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -309,28 +309,6 @@ def progress_text(job: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
-def watch(
-    kube: Kube, name: str, out: TextIO, timeout_s: float = JOB_TIMEOUT_S, interval: float = 1.0
-) -> dict[str, Any]:
-    """Poll the job until it is terminal (or timeout_s passes); returns its last state."""
-    live, last = out.isatty(), ""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        job = kube.get_job(name)
-        line = progress_text(job)
-        if live:
-            out.write("\r\033[K" + line)
-            out.flush()
-        elif line != last:
-            print(line, file=out, flush=True)
-        last = line
-        if (job.get("status") or {}).get("phase") in TERMINAL_PHASES or time.monotonic() > deadline:
-            if live:
-                out.write("\n")
-            return job
-        time.sleep(interval)
-
-
 # ---- stage 6: result ---------------------------------------------------------------------------------------
 
 
@@ -449,7 +427,7 @@ def _stages(timings: Timings, out: TextIO) -> int:
             name = submit(target, DEMO_NAMESPACE, DEMO_EXAMPLE)
             note.append(f"{DEMO_NAMESPACE}/{name}")
         with timings.stage("progress", out) as note:
-            job = watch(kube, name, out)
+            job = follow(kube, name, out, progress_text, interval=1.0, timeout_s=JOB_TIMEOUT_S)
             note.append(str((job.get("status") or {}).get("phase")))
         with timings.stage("result", out):
             if (job.get("status") or {}).get("phase") != Phase.SUCCEEDED:

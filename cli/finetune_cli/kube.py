@@ -6,10 +6,12 @@ talk to a cluster and may not have it installed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, TextIO
 
 from finetune_api.spec import API_GROUP, API_VERSION, PLURAL
+from finetune_api.status import TERMINAL_PHASES
 from finetune_operator.builders import LABEL_COMPONENT, LABEL_UID
 
 if TYPE_CHECKING:
@@ -150,3 +152,36 @@ class Kube:
                 yield pending.decode("utf-8", errors="replace")
         finally:
             raw.release_conn()
+
+
+def follow(
+    kube: Kube,
+    name: str,
+    out: TextIO,
+    render_line: Callable[[dict[str, Any]], str],
+    interval: float,
+    timeout_s: float | None = None,
+) -> dict[str, Any]:
+    """Poll a job until it is terminal (or timeout_s passes), showing one line; returns its last state.
+
+    Poll rather than watch: a watch needs list/watch rights a tenant may not have, and a lag of a poll interval
+    is fine for a progress bar (the operator itself updates status every few seconds). On a terminal the line
+    is redrawn in place; otherwise each change is printed once.
+    """
+    live, last = out.isatty(), ""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        job = kube.get_job(name)
+        line = render_line(job)
+        if live:
+            out.write("\r\033[K" + line)
+            out.flush()
+        elif line != last:
+            print(line, file=out, flush=True)
+        last = line
+        terminal = (job.get("status") or {}).get("phase") in TERMINAL_PHASES
+        if terminal or (deadline is not None and time.monotonic() > deadline):
+            if live:
+                out.write("\n")
+            return job
+        time.sleep(interval)

@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from finetune_api.status import TERMINAL_PHASES, Phase
+from finetune_api.status import Phase
 from finetune_cli import artifacts, local
-from finetune_cli.kube import CliError, Kube
+from finetune_cli.kube import CliError, Kube, follow
 from finetune_cli.render import jobs_table, progress_line, render_log_line, status_text
 
 EXIT_OK, EXIT_ERROR, EXIT_INVALID = 0, 1, 2
@@ -44,24 +44,8 @@ def cmd_status(args: argparse.Namespace, kube: Kube, out: TextIO) -> int:
     if not args.watch:
         print(status_text(kube.get_job(args.name), _now()), file=out)
         return EXIT_OK
-    # Poll rather than watch: a watch needs list/watch rights a tenant may not have, and a 2 s lag is fine
-    # for a progress bar (the operator itself updates status every few seconds).
-    live, last = out.isatty(), ""
-    while True:
-        job = kube.get_job(args.name)
-        line = progress_line(job)
-        if live:
-            out.write("\r\033[K" + line)
-            out.flush()
-        elif line != last:
-            print(line, file=out, flush=True)
-        last = line
-        phase = (job.get("status") or {}).get("phase")
-        if phase in TERMINAL_PHASES:
-            if live:
-                out.write("\n")
-            return EXIT_OK if phase == Phase.SUCCEEDED else EXIT_ERROR
-        time.sleep(args.interval)
+    job = follow(kube, args.name, out, progress_line, args.interval)
+    return EXIT_OK if (job.get("status") or {}).get("phase") == Phase.SUCCEEDED else EXIT_ERROR
 
 
 def cmd_logs(args: argparse.Namespace, kube: Kube, out: TextIO) -> int:
