@@ -51,6 +51,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 
+from tests.script_runner import log_tails, run_script, tail
+
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
@@ -88,22 +90,6 @@ def _cold() -> bool:
 def _default_image() -> str:
     version = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
     return os.environ.get("FINETUNE_TRAINER_IMAGE", f"finetune-trainer:{version}")
-
-
-def _tail(text: str, lines: int = 60) -> str:
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def _log_tails() -> str:
-    logs = _state_dir() / "logs"
-    parts = []
-    for log in sorted(logs.glob("*.log")) if logs.is_dir() else []:
-        parts.append(f"---- {log} (last 25 lines) ----\n{_tail(log.read_text(errors='replace'), 25)}")
-    return "\n".join(parts)
-
-
-def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def _exports(text: str) -> dict[str, str]:
@@ -191,21 +177,21 @@ def cluster() -> Iterator[Cluster]:
     """Start (or reuse) the local single-node cluster with the project's image; see the module docstring."""
     state = _state_dir()
     ours = state / "kubeconfig"
-    already_running = _run([str(SCRIPTS / "cluster.sh"), "status"], timeout=60).returncode == 0
+    already_running = run_script([str(SCRIPTS / "cluster.sh"), "status"], timeout=60).returncode == 0
 
     def fail_and_clean_up(message: str) -> NoReturn:
-        message += f"\n{_log_tails()}"  # before `down` removes the logs
+        message += f"\n{log_tails(_state_dir(), 25)}"  # before `down` removes the logs
         if not already_running and os.environ.get("FINETUNE_KEEP_CLUSTER") != "1":
-            _run([str(SCRIPTS / "cluster.sh"), "down"], timeout=300)  # no half-started cluster left behind
+            run_script([str(SCRIPTS / "cluster.sh"), "down"], timeout=300)  # no half-started cluster left behind
         pytest.fail(message, pytrace=False)
 
     try:
-        up = _run([str(SCRIPTS / "cluster.sh"), "up"], timeout=UP_TIMEOUT_S + BUILD_TIMEOUT_S)
+        up = run_script([str(SCRIPTS / "cluster.sh"), "up"], timeout=UP_TIMEOUT_S + BUILD_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         fail_and_clean_up("scripts/cluster.sh up did not finish in time")
     env = _exports(up.stdout)
     if up.returncode != 0 or "KUBECONFIG" not in env:
-        fail_and_clean_up(f"scripts/cluster.sh up failed (rc={up.returncode}):\n{_tail(up.stdout)}\n{_tail(up.stderr)}")
+        fail_and_clean_up(f"scripts/cluster.sh up failed (rc={up.returncode}):\n{tail(up.stdout)}\n{tail(up.stderr)}")
     kubeconfig = env["KUBECONFIG"]
     local = Path(kubeconfig) == ours
     s3_endpoint = env.get("FINETUNE_S3_ENDPOINT") or os.environ.get("FINETUNE_S3_ENDPOINT", "")
@@ -218,13 +204,13 @@ def cluster() -> Iterator[Cluster]:
 
     if local and os.environ.get("FINETUNE_E2E_BUILD_IMAGES", "1") != "0":
         try:
-            images = _run([str(SCRIPTS / "images" / "build.sh")], timeout=IMAGES_TIMEOUT_S)
+            images = run_script([str(SCRIPTS / "images" / "build.sh")], timeout=IMAGES_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             fail_and_clean_up(f"scripts/images/build.sh did not finish within {IMAGES_TIMEOUT_S}s")
         if images.returncode != 0:
             fail_and_clean_up(
                 f"scripts/images/build.sh failed (rc={images.returncode}):\n"
-                f"{_tail(images.stdout)}\n{_tail(images.stderr)}"
+                f"{tail(images.stdout)}\n{tail(images.stderr)}"
             )
 
     previous = os.environ.get("KUBECONFIG")
@@ -243,7 +229,7 @@ def cluster() -> Iterator[Cluster]:
         else:
             os.environ["KUBECONFIG"] = previous
         if local and not already_running and os.environ.get("FINETUNE_KEEP_CLUSTER") != "1":
-            down = _run([str(SCRIPTS / "cluster.sh"), "down"], timeout=300)
+            down = run_script([str(SCRIPTS / "cluster.sh"), "down"], timeout=300)
             if down.returncode != 0:
                 # Visible, but must not mask the tests' own outcome.
                 print(f"scripts/cluster.sh down failed (rc={down.returncode}):\n{down.stdout}\n{down.stderr}")

@@ -28,6 +28,8 @@ from typing import Any
 
 import pytest
 
+from tests.script_runner import log_tails, run_script, tail
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO_ROOT / "scripts"
 K8S_BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy")
@@ -49,22 +51,6 @@ def _state_dir() -> Path:
 
 def _binaries_cached() -> bool:
     return all(os.access(_bin_dir() / b, os.X_OK) for b in K8S_BINARIES)
-
-
-def _tail(text: str, lines: int = 60) -> str:
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def _log_tails() -> str:
-    logs = _state_dir() / "logs"
-    parts = []
-    for log in sorted(logs.glob("*.log")) if logs.is_dir() else []:
-        parts.append(f"---- {log} (last 30 lines) ----\n{_tail(log.read_text(errors='replace'), 30)}")
-    return "\n".join(parts)
-
-
-def _run_script(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -92,24 +78,25 @@ def control_plane() -> Iterator[ControlPlane]:
     """Start (or reuse) the local control plane; export KUBECONFIG for the session."""
     if not _binaries_cached():
         try:
-            build = _run_script([str(SCRIPTS / "k8s-build.sh")], timeout=BUILD_TIMEOUT_S)
+            build = run_script([str(SCRIPTS / "k8s-build.sh")], timeout=BUILD_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             pytest.fail(f"scripts/k8s-build.sh did not finish within {BUILD_TIMEOUT_S}s", pytrace=False)
         if build.returncode != 0:
             pytest.fail(
-                f"scripts/k8s-build.sh failed (rc={build.returncode}):\n{_tail(build.stdout)}\n{_tail(build.stderr)}",
+                f"scripts/k8s-build.sh failed (rc={build.returncode}):\n{tail(build.stdout)}\n{tail(build.stderr)}",
                 pytrace=False,
             )
 
     try:
-        up = _run_script([str(SCRIPTS / "control-plane.sh"), "up"], timeout=UP_TIMEOUT_S)
+        up = run_script([str(SCRIPTS / "control-plane.sh"), "up"], timeout=UP_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"control-plane.sh up did not finish within {UP_TIMEOUT_S}s\n{_log_tails()}", pytrace=False)
+        logs = log_tails(_state_dir(), 30)
+        pytest.fail(f"control-plane.sh up did not finish within {UP_TIMEOUT_S}s\n{logs}", pytrace=False)
     match = re.search(r"^export KUBECONFIG=(\S+)$", up.stdout, re.MULTILINE)
     if up.returncode != 0 or not match:
         pytest.fail(
             f"scripts/control-plane.sh up failed (rc={up.returncode}):\n"
-            f"{_tail(up.stdout)}\n{_tail(up.stderr)}\n{_log_tails()}",
+            f"{tail(up.stdout)}\n{tail(up.stderr)}\n{log_tails(_state_dir(), 30)}",
             pytrace=False,
         )
     kubeconfig = match.group(1)
@@ -124,7 +111,7 @@ def control_plane() -> Iterator[ControlPlane]:
         else:
             os.environ["KUBECONFIG"] = previous
         if os.environ.get("FINETUNE_KEEP_CONTROL_PLANE") != "1":
-            down = _run_script([str(SCRIPTS / "control-plane.sh"), "down"], timeout=120)
+            down = run_script([str(SCRIPTS / "control-plane.sh"), "down"], timeout=120)
             if down.returncode != 0:
                 # Teardown problems must be visible, but not mask the tests' own outcome.
                 print(f"control-plane.sh down failed (rc={down.returncode}):\n{down.stderr}")
