@@ -3,7 +3,8 @@
 YAML uses camelCase (Kubernetes convention), Python uses snake_case. Every field carries a description
 because the CRD's openAPIV3Schema is generated from these classes and `kubectl explain` shows it.
 Defaults that the platform team owns (image, GPUs, CPU, memory) are ``None`` here and are filled in by the
-operator from its policy; defaults that only matter to training live here, documented in the description.
+operator from its policy; training defaults are documented in each description and filled in, with every
+cross-field rule, by ``finetune_api.resolve`` (the one place the operator and the trainer both use).
 """
 
 from __future__ import annotations
@@ -138,8 +139,8 @@ class Template(ApiModel):
     )
     loss_on_response_only: bool = Field(
         default=True,
-        description="For instruction tasks: compute the loss on response tokens only (prompt tokens masked). "
-        "Default: true.",
+        description="Instruction tasks only: compute the loss on response tokens only (prompt tokens masked); "
+        "false trains on the prompt too. Default: true.",
     )
 
 
@@ -211,20 +212,21 @@ class MethodSpec(ApiModel):
         description="full (all weights), lora (low-rank adapters via peft) or qlora (LoRA on a 4-bit base "
         "model; needs a GPU). Default: lora.",
     )
-    rank: int = Field(default=8, ge=1, le=1024, description="LoRA rank r. Default: 8.")
-    alpha: int = Field(default=16, ge=1, description="LoRA alpha (scale = alpha / rank). Default: 16.")
-    dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="LoRA dropout. Default: 0.05.")
+    rank: int = Field(default=8, ge=1, le=1024, description="LoRA rank r (lora/qlora only). Default: 8.")
+    alpha: int = Field(default=16, ge=1, description="LoRA alpha, scale = alpha / rank (lora/qlora only). Default: 16.")
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="LoRA dropout (lora/qlora only). Default: 0.05.")
     target_modules: list[str] | None = Field(
         default=None,
-        description='Module names that get adapters, e.g. ["q_proj","v_proj"], or ["all-linear"]. '
-        "Default: chosen per architecture.",
+        description='Module names that get adapters, e.g. ["q_proj","v_proj"], or ["all-linear"] '
+        "(lora/qlora only). Default: chosen per architecture (config.json's model_type), all-linear when the "
+        "architecture is not in the trainer's table.",
     )
     quantization: Quantization = Field(
-        default_factory=Quantization, description="QLoRA quantisation settings (qlora only)."
+        default_factory=Quantization, description="QLoRA quantisation settings (qlora only; an error otherwise)."
     )
     merge_adapter: bool = Field(
         default=False,
-        description="Also upload the base model with the adapter merged in (lora/qlora). Default: false.",
+        description="Also upload the base model with the adapter merged in (lora/qlora only). Default: false.",
     )
 
 
@@ -260,15 +262,25 @@ class Hyperparameters(ApiModel):
         description="Longest tokenised sample; longer ones are truncated. Default: 512.",
     )
     block_size: int | None = Field(
-        default=None, ge=8, le=131072, description="causal-lm packing block length. Default: maxSeqLength."
+        default=None,
+        ge=8,
+        le=131072,
+        description="Packing block length in tokens; only with packing (for instruction and chat at least "
+        "maxSeqLength). Default: maxSeqLength.",
     )
     packing: bool | None = Field(
         default=None,
-        description="Concatenate samples and cut into fixed blocks (causal-lm). Default: true for causal-lm, "
-        "false otherwise.",
+        description="causal-lm: concatenate all samples and cut blocks of exactly blockSize tokens (samples may "
+        "see their predecessors). instruction and chat: put whole samples into rows of at most blockSize tokens, "
+        "each sample attending only to itself (position ids restart per sample) with the loss still on its "
+        "response/assistant tokens only, so the loss equals unpacked training's; only for architectures that "
+        "support it (llama, mistral, mixtral, qwen2, qwen3, gemma, gpt_neox, gpt2; others fail with "
+        "PackingUnsupported). Not for seq2seq or classification. Default: true for causal-lm, false otherwise.",
     )
     warmup_ratio: float = Field(default=0.0, ge=0, lt=1, description="Fraction of steps for warmup. Default: 0.")
-    warmup_steps: int = Field(default=0, ge=0, description="Warmup steps; overrides warmupRatio. Default: 0.")
+    warmup_steps: int = Field(
+        default=0, ge=0, description="Warmup steps (set this or warmupRatio, not both). Default: 0."
+    )
     weight_decay: float = Field(default=0.0, ge=0, description="Default: 0.")
     max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient clipping norm. Default: 1.")
     optimizer: Optimizer = Field(default=Optimizer.ADAMW, description="adamw, adafactor, sgd, adamw-8bit (GPU).")
@@ -343,15 +355,20 @@ class EvaluationSpec(ApiModel):
     )
     max_new_tokens: int = Field(default=64, ge=1, le=4096, description="Generation length. Default: 64.")
     steps: int | None = Field(
-        default=None, ge=1, description="Evaluate every N steps. Default: once per epoch (and at the end)."
+        default=None,
+        ge=1,
+        description="Evaluate every N steps (needs validation data). Default: once per epoch (and at the end).",
     )
     max_samples: int | None = Field(
-        default=None, ge=1, description="Validation rows used for generation metrics. Default: 200."
+        default=None,
+        ge=1,
+        description="Validation rows used for generation metrics and the side-by-side samples. Default: 200.",
     )
     best_model_metric: str | None = Field(
         default=None,
-        description="Metric that picks the best checkpoint, loaded at the end, e.g. eval_loss or eval_f1. "
-        "Default: unset (the last model is kept).",
+        description="Metric that picks the best checkpoint, loaded at the end, e.g. eval_loss or eval_f1 "
+        "(generative tasks: eval_loss or eval_perplexity, the metrics computed during training). Default: "
+        "eval_loss with earlyStopping, else unset (the last model is kept).",
     )
 
 

@@ -1,41 +1,26 @@
-"""Validation beyond the CRD schema, and resolution of policy defaults. Pure functions.
+"""Validation beyond the CRD schema: the platform's policy, then finetune_api's rules. Pure functions.
 
-Every problem names the field (as the tenant wrote it, camelCase) and says what to do. A job with any
-problem never gets a pod.
+The operator owns only platform policy: its limits (GPUs, CPU, memory, deadline), the allowed methods, images
+and URI schemes, and the platform-owned defaults (image, resources, storage endpoint and region). Every
+training default and cross-field rule lives in ``finetune_api.resolve``; its problems come back as the same
+:class:`Problem` type. Every problem names the field (as the tenant wrote it, camelCase) and says what to do.
+A job with any problem never gets a pod.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
-import string
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
 from pydantic import ValidationError
 
-from finetune_api.spec import (
-    FineTuneJobSpec,
-    MethodType,
-    Optimizer,
-    Precision,
-    SplitStrategy,
-    Task,
-    Toleration,
-)
+from finetune_api.resolve import Problem, SpecError, check_spec, resolve_spec
+from finetune_api.spec import FineTuneJobSpec, MethodType, Toleration
 from finetune_operator.config import OperatorConfig
 from finetune_operator.quantity import QuantityError, parse_quantity
-
-
-@dataclass(frozen=True)
-class Problem:
-    reason: str  # CamelCase: InvalidField, UnknownField, InvalidURI, UnsupportedCombination, GPURequired, ...
-    field: str  # e.g. spec.dataset.template.prompt
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.field}: {self.message}"
 
 
 @dataclass(frozen=True)
@@ -56,15 +41,6 @@ class ValidationResult:
         return "; ".join(str(p) for p in self.problems)
 
 
-TASK_METRICS: dict[Task, set[str]] = {
-    Task.CAUSAL_LM: {"loss", "perplexity", "exact_match", "token_f1", "bleu", "rouge"},
-    Task.INSTRUCTION: {"loss", "perplexity", "exact_match", "token_f1", "bleu", "rouge"},
-    Task.CHAT: {"loss", "perplexity", "exact_match", "token_f1", "bleu", "rouge"},
-    Task.SEQ2SEQ: {"loss", "rouge", "bleu", "exact_match", "token_f1"},
-    Task.CLASSIFICATION: {"loss", "accuracy", "precision", "recall", "f1"},
-}
-# Metric names as the trainer reports them (eval_<name>), for bestModelMetric.
-_REPORTED = {"rouge": ["rouge1", "rouge2", "rougeL"]}
 _DATA_EXTENSIONS = re.compile(r"\.(jsonl|ndjson|json|csv|tsv|txt)(\.gz)?$|\.(parquet|pq)$", re.IGNORECASE)
 _LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 
@@ -129,101 +105,8 @@ def _check_uri(field: str, uri: str | None, schemes: set[str], allowed: list[str
     return []
 
 
-def _template_fields(field: str, text: str) -> tuple[set[str], list[Problem]]:
-    names: set[str] = set()
-    try:
-        for _, name, spec, conv in string.Formatter().parse(text):
-            if name is None:
-                continue
-            if not name.isidentifier():
-                return names, [Problem("TemplateError", field, f"placeholder {{{name}}} is not a column name")]
-            if spec or conv:
-                return names, [Problem("TemplateError", field, f"placeholder {{{name}}} may not carry a format")]
-            names.add(name)
-    except ValueError as exc:
-        return names, [Problem("TemplateError", field, f"{exc}; write literal braces as {{{{ and }}}}")]
-    return names, []
-
-
-def _check_template(spec: FineTuneJobSpec) -> list[Problem]:
-    ds = spec.dataset
-    problems: list[Problem] = []
-    if spec.task == Task.INSTRUCTION and ds.template is None:
-        return [
-            Problem(
-                "TemplateError",
-                "spec.dataset.template",
-                'instruction tasks need a template, e.g. prompt: "### Question:\\n{question}\\n### Answer:\\n", '
-                'response: "{answer}"',
-            )
-        ]
-    if ds.template is None:
-        return []
-    if spec.task in (Task.CHAT, Task.CLASSIFICATION):
-        return [
-            Problem(
-                "UnsupportedCombination",
-                "spec.dataset.template",
-                f"{spec.task} tasks take no template (chat uses the tokenizer's chat template; "
-                "classification uses fields.text)",
-            )
-        ]
-    used: set[str] = set()
-    for part in ("prompt", "response"):
-        names, errs = _template_fields(f"spec.dataset.template.{part}", getattr(ds.template, part))
-        used |= names
-        problems += errs
-    if spec.task == Task.INSTRUCTION and not ds.template.response.strip():
-        problems.append(
-            Problem("TemplateError", "spec.dataset.template.response", "instruction tasks need a response part")
-        )
-    if not used and not problems:
-        problems.append(Problem("TemplateError", "spec.dataset.template", "the template uses no {field}"))
-    # A placeholder must name a column that exists after rename/drop: an old name that was renamed away, or a
-    # dropped column, can never be filled.
-    for name in sorted(used):
-        if name in ds.drop_columns:
-            problems.append(
-                Problem(
-                    "TemplateError",
-                    "spec.dataset.template",
-                    f"{{{name}}} names a column listed in dropColumns",
-                )
-            )
-        elif name in ds.rename and ds.rename[name] != name:
-            problems.append(
-                Problem(
-                    "TemplateError",
-                    "spec.dataset.template",
-                    f"{{{name}}} was renamed to {ds.rename[name]!r} by dataset.rename; use {{{ds.rename[name]}}}",
-                )
-            )
-    return problems
-
-
-def _check_data(spec: FineTuneJobSpec) -> list[Problem]:
+def _check_format(spec: FineTuneJobSpec) -> list[Problem]:
     ds, problems = spec.dataset, []
-    if ds.split.strategy == SplitStrategy.STRATIFIED and spec.task != Task.CLASSIFICATION:
-        problems.append(
-            Problem(
-                "UnsupportedCombination",
-                "spec.dataset.split.strategy",
-                "stratified splits need class labels (task: classification); use random or tfidf-cluster",
-            )
-        )
-    if ds.labels is not None and spec.task != Task.CLASSIFICATION:
-        problems.append(Problem("UnsupportedCombination", "spec.dataset.labels", "only for classification"))
-    if ds.labels is not None and len(set(ds.labels)) != len(ds.labels):
-        problems.append(Problem("InvalidField", "spec.dataset.labels", "label names must be unique"))
-    if ds.labels is not None and len(ds.labels) < 2:
-        problems.append(Problem("InvalidField", "spec.dataset.labels", "classification needs at least 2 labels"))
-    for col in ds.drop_columns:
-        fields = ds.fields.model_dump()
-        role = _needed_field(spec)
-        if role and fields[role] == col:
-            problems.append(
-                Problem("InvalidField", "spec.dataset.dropColumns", f"{col!r} is the {role} column the task needs")
-            )
     if ds.file_format == "auto":
         for name in ("train", "validation"):
             uri = getattr(ds, name)
@@ -236,105 +119,11 @@ def _check_data(spec: FineTuneJobSpec) -> list[Problem]:
                         ".parquet or .txt (optionally .gz), or set dataset.fileFormat",
                     )
                 )
-    hp = spec.hyperparameters
-    if hp.packing and spec.task in (Task.SEQ2SEQ, Task.CLASSIFICATION):
-        problems.append(
-            Problem(
-                "UnsupportedCombination",
-                "spec.hyperparameters.packing",
-                f"packing does not apply to {spec.task}",
-            )
-        )
-    if hp.block_size and spec.task != Task.CAUSAL_LM:
-        problems.append(
-            Problem(
-                "UnsupportedCombination",
-                "spec.hyperparameters.blockSize",
-                "blockSize applies to causal-lm only",
-            )
-        )
-    return problems
-
-
-def _needed_field(spec: FineTuneJobSpec) -> str | None:
-    if spec.dataset.template is not None:
-        return None
-    return {
-        Task.CAUSAL_LM: "text",
-        Task.CLASSIFICATION: "text",
-        Task.CHAT: "messages",
-        Task.SEQ2SEQ: "input",
-    }.get(Task(spec.task))
-
-
-def _check_evaluation(spec: FineTuneJobSpec) -> list[Problem]:
-    ev, problems = spec.evaluation, []
-    allowed = TASK_METRICS[Task(spec.task)]
-    for m in ev.metrics or []:
-        if m not in allowed:
-            problems.append(
-                Problem(
-                    "InvalidField",
-                    "spec.evaluation.metrics",
-                    f"{m!r} does not apply to {spec.task}; choose from {', '.join(sorted(allowed))}",
-                )
-            )
-    has_eval = spec.dataset.validation is not None or spec.dataset.split.validation_ratio > 0
-    if ev.best_model_metric:
-        chosen = set(ev.metrics or allowed)
-        names = {"eval_loss"} | {f"eval_{r}" for m in chosen for r in _REPORTED.get(m, [m])}
-        if ev.best_model_metric not in names:
-            problems.append(
-                Problem(
-                    "InvalidField",
-                    "spec.evaluation.bestModelMetric",
-                    f"{ev.best_model_metric!r} is not reported; choose from {', '.join(sorted(names))}",
-                )
-            )
-        # Generation metrics are computed once after training, not at every evaluation.
-        if spec.task != Task.CLASSIFICATION and ev.best_model_metric.removeprefix("eval_") not in (
-            "loss",
-            "perplexity",
-        ):
-            problems.append(
-                Problem(
-                    "UnsupportedCombination",
-                    "spec.evaluation.bestModelMetric",
-                    f"for {spec.task} only eval_loss is computed during training",
-                )
-            )
-    if (ev.best_model_metric or spec.hyperparameters.early_stopping) and not has_eval:
-        problems.append(
-            Problem(
-                "UnsupportedCombination",
-                "spec.evaluation",
-                "bestModelMetric and earlyStopping need validation data: set dataset.validation or "
-                "dataset.split.validationRatio > 0",
-            )
-        )
-    every, steps = spec.checkpoints.every_steps, ev.steps
-    if (ev.best_model_metric or spec.hyperparameters.early_stopping) and (every is None) != (steps is None):
-        problems.append(
-            Problem(
-                "UnsupportedCombination",
-                "spec.checkpoints.everySteps",
-                "with bestModelMetric or earlyStopping set both checkpoints.everySteps and evaluation.steps, "
-                "or neither (then both happen once per epoch)",
-            )
-        )
-    elif ev.best_model_metric and every and steps and every % steps:
-        problems.append(
-            Problem(
-                "UnsupportedCombination",
-                "spec.checkpoints.everySteps",
-                f"must be a multiple of evaluation.steps ({steps}) when bestModelMetric is set",
-            )
-        )
     return problems
 
 
 def _check_compute(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Problem]:
-    res, hp, problems = spec.resources, spec.hyperparameters, []
+    res, problems = spec.resources, []
     gpus = res.gpus or 0
     method = MethodType(spec.method.type)
     if method.value not in cfg.limits.allowed_methods:
@@ -345,27 +134,6 @@ def _check_compute(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Problem]:
                 "PolicyViolation",
                 "spec.resources.gpus",
                 f"{gpus} GPUs exceeds this platform's limit of {cfg.limits.max_gpus_per_job}",
-            )
-        )
-    needs_gpu = {
-        "spec.method.type": method == MethodType.QLORA and "qlora (4-bit bitsandbytes)",
-        "spec.hyperparameters.precision": hp.precision == Precision.FP16 and "fp16 mixed precision",
-        "spec.hyperparameters.optimizer": hp.optimizer == Optimizer.ADAMW_8BIT and "the 8-bit AdamW optimizer",
-    }
-    for field, what in needs_gpu.items():
-        if what and gpus == 0:
-            problems.append(Problem("GPURequired", field, f"{what} needs a GPU; set spec.resources.gpus >= 1"))
-    ds = spec.deepspeed
-    if ds is not None and ds.offload_params and ds.stage != 3:
-        problems.append(
-            Problem("UnsupportedCombination", "spec.deepspeed.offloadParams", "parameter offload needs stage 3")
-        )
-    if ds is not None and method == MethodType.QLORA and ds.stage == 3:
-        problems.append(
-            Problem(
-                "UnsupportedCombination",
-                "spec.deepspeed.stage",
-                "qlora cannot shard 4-bit weights; use 0 or 2",
             )
         )
     for name, value, limit in (
@@ -418,7 +186,7 @@ def _check_compute(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Problem]:
     return problems
 
 
-def resolve(spec: FineTuneJobSpec, cfg: OperatorConfig) -> FineTuneJobSpec:
+def apply_platform_defaults(spec: FineTuneJobSpec, cfg: OperatorConfig) -> FineTuneJobSpec:
     """Fill the values the platform team owns (image, resources, storage endpoint) where the tenant left them."""
     d = cfg.defaults
     res = spec.resources.model_copy(
@@ -439,21 +207,19 @@ def resolve(spec: FineTuneJobSpec, cfg: OperatorConfig) -> FineTuneJobSpec:
             "region": spec.storage.region or d.storage_region,
         }
     )
-    hp = spec.hyperparameters
-    if hp.packing is None:
-        hp = hp.model_copy(update={"packing": spec.task == Task.CAUSAL_LM})
-    return spec.model_copy(
-        update={"resources": res, "storage": storage, "hyperparameters": hp, "image": spec.image or d.image}
-    )
+    return spec.model_copy(update={"resources": res, "storage": storage, "image": spec.image or d.image})
 
 
 def validate_spec(raw: dict[str, Any], cfg: OperatorConfig) -> ValidationResult:
-    """Parse, resolve defaults, and check everything the CRD schema cannot express."""
+    """Parse, fill the platform's defaults, check its policy, and resolve the job with finetune_api's rules.
+
+    The returned spec is the resolved one (every training default written into its fields): what the trainer
+    gets in its ConfigMap."""
     try:
         parsed = FineTuneJobSpec.model_validate(raw)
     except ValidationError as err:
         return ValidationResult(None, _schema_problems(raw, err))
-    spec = resolve(parsed, cfg)
+    spec = apply_platform_defaults(parsed, cfg)
     schemes = set(cfg.limits.allowed_uri_schemes)
     data_schemes = {"s3", "file"}
     problems = [
@@ -462,11 +228,16 @@ def validate_spec(raw: dict[str, Any], cfg: OperatorConfig) -> ValidationResult:
         *_check_uri("spec.dataset.train", spec.dataset.train, data_schemes, list(schemes)),
         *_check_uri("spec.dataset.validation", spec.dataset.validation, data_schemes, list(schemes)),
         *_check_uri("spec.output.uri", spec.output.uri, data_schemes, list(schemes)),
-        *_check_template(spec),
-        *_check_data(spec),
-        *_check_evaluation(spec),
+        *_check_format(spec),
+        *check_spec(spec),
         *_check_compute(spec, cfg),
     ]
     if spec.storage.endpoint and urlparse(spec.storage.endpoint).scheme not in ("http", "https"):
         problems.append(Problem("InvalidURI", "spec.storage.endpoint", "must be an http:// or https:// URL"))
-    return ValidationResult(spec if not problems else None, problems)
+    if problems:
+        return ValidationResult(None, problems)
+    try:
+        resolved = resolve_spec(spec)
+    except SpecError as err:  # check_spec found nothing above, so this cannot happen; kept typed all the same
+        return ValidationResult(None, list(err.problems))
+    return ValidationResult(resolved.spec, [])

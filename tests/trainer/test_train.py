@@ -407,6 +407,60 @@ def test_gpt_neox_instruction_tuning_side_by_side(env: Env) -> None:
     assert set(metrics["durations_seconds"]) >= {"downloading", "preparing", "training", "evaluating"}
 
 
+def test_llama_instruction_packing_trains_packed_rows(env: Env) -> None:
+    """The measured bug: instruction with packing: true was recorded as packing and trained unpacked. Now the
+    samples are packed into rows (position ids restart per sample; tests/trainer/test_packing.py proves the loss
+    is exactly the unpacked one) and the manifest records what was done."""
+    rows = [{"question": q, "answer": a} for q, a in MEDICAL_QA] * 12
+    corpus = [f"### Question:\n{q}\n### Answer:\n{a}" for q, a in MEDICAL_QA]
+    spec = {
+        "model": {"uri": env.model("llama", corpus * 20)},
+        "task": "instruction",
+        "dataset": {
+            "train": env.data("medical.jsonl", rows),
+            "template": {"prompt": "### Question:\n{question}\n### Answer:\n", "response": "{answer}"},
+            "split": {"validationRatio": 0.1},
+        },
+        "method": {"type": "full"},
+        "hyperparameters": {
+            "maxSteps": 20,
+            "batchSize": 2,
+            "learningRate": 1e-2,
+            "loggingSteps": 2,
+            "packing": True,
+            "maxSeqLength": 48,
+            "blockSize": 160,
+        },
+        "evaluation": {"maxNewTokens": 4, "maxSamples": 2},
+    }
+    run = env.run(spec)
+
+    assert_succeeded(run)
+    assert_loss_falls(run, 0.75)
+    manifest = env.json("manifest.json")
+    stats = manifest["dataset"]["stats"]
+    assert stats["packing"] is True
+    assert stats["train_samples"] < stats["train_samples_packed"] == stats["train_rows"]
+    assert manifest["resolved"]["packing"] is True and manifest["resolved"]["blockSize"] == 160
+    assert manifest["config"]["spec"]["hyperparameters"]["packing"] is True
+
+
+def test_instruction_packing_on_an_architecture_that_cannot_is_a_user_error(
+    env: Env, capsys: Any, monkeypatch: Any
+) -> None:
+    rows = [{"question": q, "answer": a} for q, a in MEDICAL_QA]
+    spec = {
+        "model": {"uri": env.model("bloom", [f"{q} {a}" for q, a in MEDICAL_QA] * 20)},
+        "task": "instruction",
+        "dataset": {"train": env.data("qa.jsonl", rows), "template": {"prompt": "{question}", "response": "{answer}"}},
+        "hyperparameters": {"packing": True, "maxSteps": 1},
+    }
+    run = env.run_in_process(spec, capsys, monkeypatch)
+    assert run.rc == 2, run.explain()
+    assert [e.reason for e in run.of(ReportKind.ERROR)] == ["PackingUnsupported"]
+    assert not env.exists("manifest.json")
+
+
 def _sentiment_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     rng = random.Random(seed)
     topics = {"movie": "the film plot actor", "food": "the meal chef taste", "book": "the novel author pages"}

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, default_data_collator
 
+from finetune_api.resolve import SpecError, resolve_spec
 from finetune_api.spec import FineTuneJobSpec
 from finetune_trainer.data import (
     FALLBACK_CHAT_TEMPLATE,
@@ -46,7 +47,8 @@ def bert_tok() -> Any:
 
 
 def spec_for(task: str, train: Path | str, hyper: dict[str, Any] | None = None, **dataset: Any) -> FineTuneJobSpec:
-    return FineTuneJobSpec.model_validate(
+    """The spec as the trainer gets it: resolved by finetune_api (every training default filled in)."""
+    raw = FineTuneJobSpec.model_validate(
         {
             "model": {"uri": "file:///models/tiny"},
             "task": task,
@@ -55,6 +57,7 @@ def spec_for(task: str, train: Path | str, hyper: dict[str, Any] | None = None, 
             "output": {"uri": "file:///out"},
         }
     )
+    return resolve_spec(raw).spec
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
@@ -352,9 +355,10 @@ def test_instruction_prompt_longer_than_max_names_the_row(tmp_path: Path, gpt_to
 
 
 def test_instruction_needs_a_template(tmp_path: Path, gpt_tok: Any) -> None:
+    """The rule lives in finetune_api.resolve: such a spec never reaches data preparation."""
     path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}])
-    with pytest.raises(DataError, match=r"dataset\.template with a non-empty response is required"):
-        prepare_data(spec_for("instruction", path), gpt_tok, path, None)
+    with pytest.raises(SpecError, match=r"spec\.dataset\.template: instruction tasks need a template"):
+        spec_for("instruction", path)
 
 
 def test_template_with_unknown_field_lists_columns(tmp_path: Path, gpt_tok: Any) -> None:
@@ -545,7 +549,7 @@ def test_label_errors(tmp_path: Path, bert_tok: Any) -> None:
     with pytest.raises(DataError, match=r"mixed\.jsonl line 2, field 'label': label 1 mixes types"):
         prepare_data(spec_for("classification", path), bert_tok, path, None)
     path = write_jsonl(tmp_path / "undeclared.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}])
-    spec = spec_for("classification", path, labels=["x"])
+    spec = spec_for("classification", path, labels=["x", "z"])
     with pytest.raises(DataError, match=r"undeclared\.jsonl line 2, field 'label': label 'y' is not among dataset"):
         prepare_data(spec, bert_tok, path, None)
 
@@ -595,9 +599,8 @@ def test_stratified_split_through_prepare_data(tmp_path: Path, bert_tok: Any) ->
 
 def test_stratified_only_for_classification(tmp_path: Path, gpt_tok: Any) -> None:
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": f"t {i}"} for i in range(10)])
-    spec = spec_for("causal-lm", path, split={"strategy": "stratified"})
-    with pytest.raises(DataError, match="only applies to classification"):
-        prepare_data(spec, gpt_tok, path, None)
+    with pytest.raises(SpecError, match="stratified splits need class labels"):
+        spec_for("causal-lm", path, split={"strategy": "stratified"})
 
 
 def test_rare_strata_are_merged_not_refused() -> None:

@@ -53,7 +53,18 @@ def test_defaults_resolved_from_policy() -> None:
     assert result.spec.image == "reg/trainer:1"
     assert result.spec.resources.gpus == 2
     assert result.spec.resources.memory == "64Gi"
-    assert result.spec.hyperparameters.packing is False  # instruction: no packing by default
+    # finetune_api's training defaults are written into the resolved spec the trainer gets.
+    hp = result.spec.hyperparameters
+    assert hp.packing is False and hp.block_size is None  # instruction: no packing by default
+    assert hp.learning_rate == 2e-4 and hp.eval_batch_size == hp.batch_size
+    assert result.spec.evaluation.metrics == ["loss", "perplexity", "exact_match", "token_f1", "bleu", "rouge"]
+    assert result.spec.evaluation.max_samples == 200
+
+
+def test_instruction_packing_is_accepted_and_resolved() -> None:
+    result = validate_spec(spec_with(hyperparameters={"packing": True, "maxSeqLength": 128}), OperatorConfig())
+    assert result.spec is not None, result.message
+    assert result.spec.hyperparameters.packing is True and result.spec.hyperparameters.block_size == 128
 
 
 CASES = [
@@ -107,6 +118,51 @@ CASES = [
         "UnsupportedCombination",
         "spec.hyperparameters.packing",
         "packing",
+    ),
+    (
+        {"hyperparameters": {"packing": True}, "task": "classification", "dataset__template": None},
+        "UnsupportedCombination",
+        "spec.hyperparameters.packing",
+        "packing",
+    ),
+    ({"hyperparameters": {"blockSize": 64}}, "UnsupportedCombination", "spec.hyperparameters.blockSize", "packing"),
+    (
+        {"hyperparameters": {"packing": True, "blockSize": 64, "maxSeqLength": 128}},
+        "UnsupportedCombination",
+        "spec.hyperparameters.blockSize",
+        "at least maxSeqLength",
+    ),
+    ({"method": {"type": "full", "rank": 4}}, "UnsupportedCombination", "spec.method.rank", "lora"),
+    ({"method": {"quantization": {"quantType": "fp4"}}}, "UnsupportedCombination", "spec.method.quantization", "qlora"),
+    (
+        {"task": "causal-lm", "dataset__template__lossOnResponseOnly": False},
+        "UnsupportedCombination",
+        "spec.dataset.template.lossOnResponseOnly",
+        "instruction",
+    ),
+    (
+        {"evaluation": {"steps": 5}, "dataset__split": {"validationRatio": 0}},
+        "UnsupportedCombination",
+        "spec.evaluation.steps",
+        "validation data",
+    ),
+    (
+        {"hyperparameters": {"earlyStopping": {}}, "evaluation": {"steps": 10}, "checkpoints": {"everySteps": 15}},
+        "UnsupportedCombination",
+        "spec.checkpoints.everySteps",
+        "multiple",
+    ),
+    (
+        {"evaluation": {"bestModelMetric": "eval_bleu"}},
+        "UnsupportedCombination",
+        "spec.evaluation.bestModelMetric",
+        "during training",
+    ),
+    (
+        {"hyperparameters": {"warmupSteps": 5, "warmupRatio": 0.1}},
+        "UnsupportedCombination",
+        "spec.hyperparameters.warmupRatio",
+        "not both",
     ),
     ({"storage": {"endpoint": "minio:9000"}}, "InvalidURI", "spec.storage.endpoint", "http"),
     ({"dataset__train": "s3://data/qa.xlsx"}, "InvalidField", "spec.dataset.train", "fileFormat"),

@@ -1,9 +1,11 @@
-"""The trainer's configuration: the FineTuneJob spec itself, plus the few values derived from it.
+"""The trainer's configuration: the resolved FineTuneJob, plus the facts of the model's architecture.
 
-TRL-style: there is no second config format. The operator writes the resolved FineTuneJob to a YAML file,
-the trainer validates it with the shared pydantic models and derives everything that depends on the task,
-the method or the model's architecture in ONE place (``resolve``), so the rest of the trainer never guesses
-a default of its own.
+There is no second config format and no default of the trainer's own. The operator writes the FineTuneJob
+resolved by ``finetune_api.resolve`` (every training default filled in) to a YAML file; the trainer reads it,
+resolves it again with the same function (idempotent: a resolved spec stays as it is; a hand-written file gets
+the same defaults and the same rules) and uses the values as they are. What the trainer adds needs the model's
+config.json: table lookups by ``model_type`` (LoRA target modules, classifier heads, and which architectures
+pack instruction/chat samples exactly), in :func:`architecture`.
 """
 
 from __future__ import annotations
@@ -16,12 +18,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from finetune_api.resolve import ResolvedJob, ResolvedTraining, SpecError, resolve_spec
 from finetune_api.spec import FineTuneJobSpec, MethodType, Task
 from finetune_api.status import FineTuneJob
-
-LR_LORA = 2e-4
-LR_FULL = 5e-5
-DEFAULT_EVAL_SAMPLES = 200
 
 _LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -61,19 +60,11 @@ CLASSIFIER_HEADS: dict[str, list[str]] = {
 }
 DECODER_HEAD = ["score"]  # *ForSequenceClassification of decoder-only models
 
-# Metrics per task; `evaluation.metrics` may only pick from these.
-TASK_METRICS: dict[str, list[str]] = {
-    Task.CAUSAL_LM: ["loss", "perplexity", "exact_match", "token_f1", "bleu", "rouge"],
-    Task.INSTRUCTION: ["loss", "perplexity", "exact_match", "token_f1", "bleu", "rouge"],
-    Task.CHAT: ["loss", "perplexity", "exact_match", "token_f1", "bleu", "rouge"],
-    Task.SEQ2SEQ: ["loss", "rouge", "bleu", "exact_match", "token_f1"],
-    Task.CLASSIFICATION: ["loss", "accuracy", "precision", "recall", "f1"],
-}
-# Metrics the Trainer can see at each evaluation during training (generation metrics only exist after it).
-_TRAINING_EVAL_METRICS = {
-    Task.CLASSIFICATION: {"loss", "accuracy", "precision", "recall", "f1"},
-}
-_LOWER_IS_BETTER = {"loss", "perplexity"}
+# Architectures whose attention honours position ids that restart inside a row (packed samples attend only to
+# themselves, exactly as if each were its own row). tests/trainer/test_packing.py checks every one on a tiny
+# model: per-sample losses packed == unpacked. Not here (they cannot): bloom (ALiBi from the attention mask),
+# opt (positions from the attention mask).
+PACKING_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gpt_neox", "gpt2"})
 
 
 class UserError(Exception):
@@ -85,23 +76,13 @@ class UserError(Exception):
         self.message = message
 
 
-@dataclass
-class Resolved:
-    """Values derived from the spec and the model's architecture. Everything else is read from the spec."""
+@dataclass(frozen=True)
+class Architecture:
+    """What the model's architecture decides (from config.json's model_type), by table lookup."""
 
     model_type: str
-    learning_rate: float
-    target_modules: list[str] | str | None
-    modules_to_save: list[str] | None
-    packing: bool
-    block_size: int
-    eval_batch_size: int
-    eval_max_samples: int
-    metrics: list[str]
-    best_metric: str | None  # Trainer name, e.g. "eval_loss"
-    greater_is_better: bool | None
-    eval_steps: int | None
-    save_steps: int | None
+    target_modules: list[str] | str | None  # None: full fine-tuning
+    modules_to_save: list[str] | None  # classification heads trained in full next to the adapters
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,90 +109,26 @@ def load_job(path: str | os.PathLike[str]) -> FineTuneJob:
         raise UserError("InvalidConfig", f"{path}: {problems}") from None
 
 
-def _best_metric(spec: FineTuneJobSpec) -> tuple[str | None, bool | None]:
-    """The Trainer's metric_for_best_model and greater_is_better, validated against what the task measures."""
-    name = spec.evaluation.best_model_metric
-    if name is None and spec.hyperparameters.early_stopping is not None:
-        name = "eval_loss"  # early stopping needs a metric; loss is the one every task has
-    if name is None:
-        return None, None
-    short = name.removeprefix("eval_")
-    if short == "perplexity":
-        short = "loss"  # same ordering as exp(loss), and the Trainer computes loss at every evaluation
-    allowed = _TRAINING_EVAL_METRICS.get(Task(spec.task), {"loss"})
-    if short not in allowed:
+def resolve_job(spec: FineTuneJobSpec) -> ResolvedJob:
+    """finetune_api's resolution of the spec; a rule it breaks is a user error naming every problem."""
+    try:
+        return resolve_spec(spec)
+    except SpecError as err:
+        raise UserError("InvalidConfig", "; ".join(f"{p} [{p.reason}]" for p in err.problems)) from None
+
+
+def architecture(spec: FineTuneJobSpec, training: ResolvedTraining, model_type: str) -> Architecture:
+    """Table lookups by ``model_type``; refuses (user error) what this architecture cannot do correctly."""
+    task, method = Task(spec.task), MethodType(spec.method.type)
+    if training.packing and task in (Task.INSTRUCTION, Task.CHAT) and model_type not in PACKING_MODEL_TYPES:
         raise UserError(
-            "InvalidConfig",
-            f"evaluation.bestModelMetric {name!r} is not computed during training for task {spec.task}; "
-            f"use one of {', '.join(sorted('eval_' + m for m in allowed))}",
+            "PackingUnsupported",
+            f"hyperparameters.packing for {task} needs an architecture whose attention keeps packed samples apart "
+            f"(one of {', '.join(sorted(PACKING_MODEL_TYPES))}); {model_type} is not one: set packing: false",
         )
-    return f"eval_{short}", short not in _LOWER_IS_BETTER
-
-
-def _eval_and_save_steps(spec: FineTuneJobSpec, best: str | None) -> tuple[int | None, int | None]:
-    """Evaluation and save intervals (None = per epoch). Picking a best model needs both on the same grid."""
-    eval_steps, save_steps = spec.evaluation.steps, spec.checkpoints.every_steps
-    if best is None:
-        return eval_steps, save_steps
-    if eval_steps is None and save_steps is not None:
-        eval_steps = save_steps
-    elif save_steps is None and eval_steps is not None:
-        save_steps = eval_steps
-    elif eval_steps is not None and save_steps is not None and save_steps % eval_steps:
-        raise UserError(
-            "InvalidConfig",
-            f"checkpoints.everySteps ({save_steps}) must be a multiple of evaluation.steps ({eval_steps}) "
-            "when a best model is selected (evaluation.bestModelMetric or hyperparameters.earlyStopping)",
-        )
-    return eval_steps, save_steps
-
-
-def resolve(spec: FineTuneJobSpec, model_type: str) -> Resolved:
-    """Every task/method/architecture-dependent default, in one function."""
-    task, method, hp = Task(spec.task), MethodType(spec.method.type), spec.hyperparameters
-    lr = hp.learning_rate or (LR_FULL if method == MethodType.FULL else LR_LORA)
-
-    target: list[str] | str | None = None
-    to_save: list[str] | None = None
-    if method != MethodType.FULL:
-        target = spec.method.target_modules or TARGET_MODULES.get(model_type) or "all-linear"
-        if target == ["all-linear"]:
-            target = "all-linear"  # peft's shorthand is a plain string
-        if task == Task.CLASSIFICATION:
-            to_save = CLASSIFIER_HEADS.get(model_type, DECODER_HEAD)
-
-    allowed = TASK_METRICS[task]
-    if spec.evaluation.metrics:
-        unknown = [m for m in spec.evaluation.metrics if m not in allowed]
-        if unknown:
-            raise UserError(
-                "InvalidConfig",
-                f"evaluation.metrics {unknown} do not apply to task {task}; choose from {', '.join(allowed)}",
-            )
-        metrics = list(spec.evaluation.metrics)
-    else:
-        metrics = list(allowed)
-
-    if method == MethodType.QLORA and spec.deepspeed is not None and spec.deepspeed.stage == 3:
-        raise UserError("InvalidConfig", "qlora cannot be combined with DeepSpeed ZeRO-3; use stage 2 or lora")
-    if spec.deepspeed is not None and spec.deepspeed.offload_params and spec.deepspeed.stage != 3:
-        raise UserError("InvalidConfig", "deepspeed.offloadParams needs deepspeed.stage 3")
-
-    best, greater = _best_metric(spec)
-    eval_steps, save_steps = _eval_and_save_steps(spec, best)
-    packing = hp.packing if hp.packing is not None else task == Task.CAUSAL_LM
-    return Resolved(
-        model_type=model_type,
-        learning_rate=lr,
-        target_modules=target,
-        modules_to_save=to_save,
-        packing=packing,
-        block_size=hp.block_size or hp.max_seq_length,
-        eval_batch_size=hp.eval_batch_size or hp.batch_size,
-        eval_max_samples=spec.evaluation.max_samples or DEFAULT_EVAL_SAMPLES,
-        metrics=metrics,
-        best_metric=best,
-        greater_is_better=greater,
-        eval_steps=eval_steps,
-        save_steps=save_steps,
-    )
+    if method == MethodType.FULL:
+        return Architecture(model_type, None, None)
+    # peft's "all-linear" when the architecture is not in the table: every linear layer but the output head.
+    target = training.target_modules or TARGET_MODULES.get(model_type) or "all-linear"
+    to_save = CLASSIFIER_HEADS.get(model_type, DECODER_HEAD) if task == Task.CLASSIFICATION else None
+    return Architecture(model_type, target, to_save)

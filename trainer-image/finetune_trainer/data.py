@@ -13,6 +13,12 @@ Token layout per task (labels are -100 where no loss is taken):
 * instruction: ``[bos] prompt response eos``; the prompt is never truncated and the response is, but a row
   whose prompt alone fills ``maxSeqLength`` is an error (nothing would be learnt from it).
 * chat: the tokenizer's chat template (or ``FALLBACK_CHAT_TEMPLATE``); loss on assistant turns only.
+* instruction and chat with ``packing: true``: the samples above, whole and in order, are packed into rows of
+  at most ``blockSize`` tokens with ``position_ids`` restarting at 0 for each sample and no attention mask;
+  the collator flattens a batch into one row. Attention then keeps samples apart (transformers derives a
+  block-diagonal causal mask from the restarting positions; flash attention uses them as sequence bounds),
+  and the first label of each sample is -100, so every sample's loss is exactly its unpacked loss. Only
+  architectures in ``config.PACKING_MODEL_TYPES`` support this; the trainer refuses packing for others.
 * seq2seq: source -> ``input_ids``, target -> ``labels`` (``text_target``), each truncated to ``maxSeqLength``.
 * classification: text -> ``input_ids``, label id -> ``labels``.
 """
@@ -44,11 +50,11 @@ from finetune_trainer.splits import split_rows
 __all__ = [
     "FALLBACK_CHAT_TEMPLATE",
     "DataError",
+    "PackedCollator",
     "PreparedData",
     "load_rows",
     "make_collator",
     "prepare_data",
-    "uses_packing",
 ]
 
 IGNORE = -100
@@ -75,9 +81,39 @@ class PreparedData:
     stats: dict[str, Any]
 
 
-def uses_packing(spec: FineTuneJobSpec) -> bool:
-    """Packing applies to causal-lm only; it is on unless ``hyperparameters.packing`` is false."""
-    return spec.task == Task.CAUSAL_LM and spec.hyperparameters.packing is not False
+def _packing(spec: FineTuneJobSpec) -> bool:
+    """The resolved hyperparameters.packing (finetune_api.resolve fills it; the trainer never guesses)."""
+    packing = spec.hyperparameters.packing
+    if packing is None:
+        raise ValueError("the spec is not resolved: hyperparameters.packing is unset (use finetune_api.resolve)")
+    return packing
+
+
+def _block_size(spec: FineTuneJobSpec) -> int:
+    block = spec.hyperparameters.block_size
+    if block is None:
+        raise ValueError("the spec is not resolved: hyperparameters.blockSize is unset with packing on")
+    return block
+
+
+def _sample_packing(spec: FineTuneJobSpec) -> bool:
+    """Whole samples packed per row, kept apart by position ids (instruction and chat)."""
+    return _packing(spec) and spec.task in (Task.INSTRUCTION, Task.CHAT)
+
+
+class PackedCollator:
+    """Flattens a batch of packed rows into one row: input_ids, labels and position_ids, no attention mask
+    (the restarting position ids are what keeps the samples apart) and no padding at all."""
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        out: dict[str, Any] = {
+            key: torch.tensor([[t for f in features for t in f[key]]], dtype=torch.long)
+            for key in ("input_ids", "labels", "position_ids")
+        }
+        out["use_cache"] = False  # a cache disables transformers' packed-sequence masking
+        return out
 
 
 def ensure_pad_token(tokenizer: Any) -> None:
@@ -94,7 +130,9 @@ def make_collator(spec: FineTuneJobSpec, tokenizer: Any, model: Any = None) -> C
     ensure_pad_token(tokenizer)
     if spec.task == Task.CLASSIFICATION:
         return DataCollatorWithPadding(tokenizer)  # type: ignore[no-any-return]
-    if uses_packing(spec):
+    if _sample_packing(spec):
+        return PackedCollator()
+    if _packing(spec):
         return default_data_collator
     return DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=IGNORE, padding=True)  # type: ignore[no-any-return]
 
@@ -200,8 +238,8 @@ def _causal(part: _Part, tok: Any, spec: FineTuneJobSpec, stats: dict[str, Any])
     lead, eos = _leading_specials(tok), _eos(tok)
     seqs = [lead + ids + eos for ids in _encode(tok, [s["text"] for s in part.samples], add_special_tokens=False)]
     hp = spec.hyperparameters
-    if uses_packing(spec):
-        block = hp.block_size or hp.max_seq_length
+    if _packing(spec):
+        block = _block_size(spec)
         stream = [t for ids in seqs for t in ids]
         usable = len(stream) - len(stream) % block
         seqs = [stream[i : i + block] for i in range(0, usable, block)]
@@ -309,6 +347,27 @@ def _classification(part: _Part, tok: Any, spec: FineTuneJobSpec, stats: dict[st
     return {"input_ids": ids, "labels": [s["label"] for s in part.samples]}
 
 
+def _pack_samples(cols: dict[str, list[Any]], block: int, stats: dict[str, Any]) -> dict[str, list[Any]]:
+    """Whole samples, in order, into rows of at most ``block`` tokens (first fit on the current row), with
+    position ids restarting per sample and each sample's first label -100 (in a packed row that position would
+    be predicted from the previous sample's last token)."""
+    out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "position_ids": []}
+    row: dict[str, list[int]] = {k: [] for k in out}
+    for ids, labels in zip(cols["input_ids"], cols["labels"], strict=True):
+        if row["input_ids"] and len(row["input_ids"]) + len(ids) > block:
+            for k in out:
+                out[k].append(row[k])
+            row = {k: [] for k in out}
+        row["input_ids"] += ids
+        row["labels"] += [IGNORE, *labels[1:]]
+        row["position_ids"] += list(range(len(ids)))
+    if row["input_ids"]:
+        for k in out:
+            out[k].append(row[k])
+    stats["packed_rows"] = stats.get("packed_rows", 0) + len(out["input_ids"])
+    return out
+
+
 ENCODERS = {
     Task.CAUSAL_LM: _causal,
     Task.INSTRUCTION: _instruction,
@@ -346,7 +405,7 @@ def prepare_data(
     """Read, clean, split and tokenize the job's data. ``train_path``/``validation_path`` are local copies of
     ``spec.dataset.train``/``validation``; messages name the URIs from the spec."""
     task, ds = Task(spec.task), spec.dataset
-    stats: dict[str, Any] = {"task": str(task), "truncated": 0, "packing": uses_packing(spec)}
+    stats: dict[str, Any] = {"task": str(task), "truncated": 0, "packing": _packing(spec)}
     ensure_pad_token(tokenizer)
     train = _read(Path(train_path), ds.train, spec, stats, "train")
     if ds.max_samples is not None:
@@ -379,7 +438,11 @@ def prepare_data(
         if part is None:
             continue
         cols = encode(part, tokenizer, spec, stats)
-        cols["attention_mask"] = [[1] * len(ids) for ids in cols["input_ids"]]
+        if _sample_packing(spec):
+            stats[f"{role}_samples_packed"] = len(cols["input_ids"])
+            cols = _pack_samples(cols, _block_size(spec), stats)
+        else:
+            cols["attention_mask"] = [[1] * len(ids) for ids in cols["input_ids"]]
         if not cols["input_ids"]:
             raise DataError(f"{part.table.name}: no {role} samples left after tokenization")
         stats[f"{role}_rows"] = len(part.samples)

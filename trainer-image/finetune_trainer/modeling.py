@@ -22,7 +22,7 @@ from transformers import (
 )
 
 from finetune_api.spec import FineTuneJobSpec, MethodType, Task
-from finetune_trainer.config import Resolved, UserError
+from finetune_trainer.config import Architecture, UserError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -67,13 +67,32 @@ def _quantization_config(spec: FineTuneJobSpec) -> Any:
         raise UserError("QLoRAUnavailable", "method.type qlora needs the bitsandbytes package in the image") from None
     from transformers import BitsAndBytesConfig
 
+    return BitsAndBytesConfig(**quantization_kwargs(spec))
+
+
+def quantization_kwargs(spec: FineTuneJobSpec) -> dict[str, Any]:
+    """BitsAndBytesConfig arguments from method.quantization."""
     q = spec.method.quantization
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=q.quant_type,
-        bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=DTYPES[q.compute_dtype],
-    )
+    return {
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": q.quant_type,
+        "bnb_4bit_use_double_quant": q.double_quant,
+        "bnb_4bit_compute_dtype": DTYPES[q.compute_dtype],
+    }
+
+
+def lora_kwargs(spec: FineTuneJobSpec, arch: Architecture) -> dict[str, Any]:
+    """LoraConfig arguments (without task_type) from method and the architecture's table lookups."""
+    return {
+        "r": spec.method.rank,
+        "lora_alpha": spec.method.alpha,
+        "lora_dropout": spec.method.dropout,
+        "target_modules": arch.target_modules,
+        "modules_to_save": arch.modules_to_save,
+        # GPT-2 stores its projections as Conv1D (weight transposed); peft must know to avoid a silent mismatch.
+        "fan_in_fan_out": arch.model_type == "gpt2",
+        "bias": "none",
+    }
 
 
 def load_base_model(
@@ -122,7 +141,7 @@ def load_base_model(
 
 
 def apply_method(
-    model: PreTrainedModel, spec: FineTuneJobSpec, resolved: Resolved, gradient_checkpointing: bool
+    model: PreTrainedModel, spec: FineTuneJobSpec, arch: Architecture, gradient_checkpointing: bool
 ) -> Any:
     """Wrap the model with LoRA adapters (lora, qlora) or leave it as is (full)."""
     method, task = MethodType(spec.method.type), Task(spec.task)
@@ -140,23 +159,13 @@ def apply_method(
         Task.CLASSIFICATION: TaskType.SEQ_CLS,
         Task.SEQ2SEQ: TaskType.SEQ_2_SEQ_LM,
     }.get(task, TaskType.CAUSAL_LM)
-    config = LoraConfig(
-        r=spec.method.rank,
-        lora_alpha=spec.method.alpha,
-        lora_dropout=spec.method.dropout,
-        target_modules=resolved.target_modules,
-        modules_to_save=resolved.modules_to_save,
-        task_type=task_type,
-        # GPT-2 stores its projections as Conv1D (weight transposed); peft must know to avoid a silent mismatch.
-        fan_in_fan_out=resolved.model_type == "gpt2",
-        bias="none",
-    )
+    config = LoraConfig(task_type=task_type, **lora_kwargs(spec, arch))
     try:
         return get_peft_model(model, config)
     except ValueError as exc:
         raise UserError(
             "InvalidConfig",
-            f"method.targetModules {resolved.target_modules} do not match the model ({resolved.model_type}): {exc}",
+            f"method.targetModules {arch.target_modules} do not match the model ({arch.model_type}): {exc}",
         ) from None
 
 

@@ -23,11 +23,12 @@ from typing import Any
 import torch
 from transformers import EarlyStoppingCallback, PreTrainedModel, Trainer, TrainingArguments, set_seed
 
+from finetune_api.resolve import ResolvedTraining
 from finetune_api.spec import FineTuneJobSpec, MethodType, Optimizer, Task
 from finetune_api.status import FineTuneJob
 from finetune_trainer import evaluate
 from finetune_trainer.checkpoints import CheckpointUploader, checkpoint_uri, download_latest, remote_steps, step_of
-from finetune_trainer.config import Resolved, UserError, resolve
+from finetune_trainer.config import UserError, architecture, resolve_job
 from finetune_trainer.data import DataError, PreparedData, make_collator, prepare_data
 from finetune_trainer.distributed import deepspeed_config, ensure_single_process_env, is_main_process
 from finetune_trainer.distributed import resolve_precision as _precision
@@ -137,7 +138,7 @@ def _hub_download(repo: str, cache: Path) -> Path:
 
 
 def training_arguments(
-    spec: FineTuneJobSpec, resolved: Resolved, precision: str, output_dir: Path, has_eval: bool
+    spec: FineTuneJobSpec, resolved: ResolvedTraining, precision: str, output_dir: Path, has_eval: bool
 ) -> TrainingArguments:
     """TrainingArguments from spec.hyperparameters / evaluation / checkpoints / deepspeed."""
     hp = spec.hyperparameters
@@ -213,11 +214,28 @@ def _generation_examples(
     return examples, extra
 
 
+def generation_kwargs(spec: FineTuneJobSpec, resolved: ResolvedTraining) -> dict[str, Any]:
+    """How evaluate.generate runs for the validation examples and the sample prompts."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    synced = spec.deepspeed is not None and spec.deepspeed.stage == 3 and world > 1
+    return {
+        "max_new_tokens": spec.evaluation.max_new_tokens,
+        "batch_size": resolved.eval_batch_size,
+        "max_prompt_tokens": spec.hyperparameters.max_seq_length,
+        "synced_gpus": synced,  # ZeRO-3 shards: every rank must take part in each forward
+    }
+
+
+def early_stopping(spec: FineTuneJobSpec) -> EarlyStoppingCallback | None:
+    es = spec.hyperparameters.early_stopping
+    return EarlyStoppingCallback(es.patience, es.threshold) if es is not None else None
+
+
 def predict_outputs(
     model: Any,
     tokenizer: Any,
     spec: FineTuneJobSpec,
-    resolved: Resolved,
+    resolved: ResolvedTraining,
     data: PreparedData,
     collator: Any,
 ) -> dict[str, Any]:
@@ -237,21 +255,16 @@ def predict_outputs(
             prompt_preds = evaluate.classify(model, ds, collator, resolved.eval_batch_size)
         return {"validation": preds, "prompts": prompt_preds}
     examples, extra = _generation_examples(task, data, spec.evaluation.sample_prompts, resolved.eval_max_samples)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    synced = spec.deepspeed is not None and spec.deepspeed.stage == 3 and world > 1
-    kwargs: dict[str, Any] = {
-        "max_new_tokens": spec.evaluation.max_new_tokens,
-        "batch_size": resolved.eval_batch_size,
-        "max_prompt_tokens": spec.hyperparameters.max_seq_length,
-        "synced_gpus": synced,  # ZeRO-3 shards: every rank must take part in each forward
-    }
+    kwargs = generation_kwargs(spec, resolved)
     return {
         "validation": evaluate.generate(model, tokenizer, task, examples, **kwargs),
         "prompts": evaluate.generate(model, tokenizer, task, extra, **kwargs),
     }
 
 
-def score(spec: FineTuneJobSpec, resolved: Resolved, data: PreparedData, outputs: dict[str, Any]) -> dict[str, float]:
+def score(
+    spec: FineTuneJobSpec, resolved: ResolvedTraining, data: PreparedData, outputs: dict[str, Any]
+) -> dict[str, float]:
     """Task metrics of one model's outputs, restricted to evaluation.metrics."""
     task = Task(spec.task)
     if task == Task.CLASSIFICATION:
@@ -349,7 +362,9 @@ def upload_outputs(storage: Storage, output_uri: str, dirs: dict[str, Path]) -> 
 
 
 def run(job: FineTuneJob, reporter: Reporter, workdir: Path) -> Outcome:
-    spec = job.spec
+    resolved_job = resolve_job(job.spec)  # the operator's resolution, unchanged (resolving is idempotent)
+    spec, resolved = resolved_job.spec, resolved_job.training
+    job = job.model_copy(update={"spec": spec})
     task = Task(spec.task)
     main = is_main_process()
     stages = Stages(reporter)
@@ -365,7 +380,7 @@ def run(job: FineTuneJob, reporter: Reporter, workdir: Path) -> Outcome:
             inputs = fetch_inputs(storage, spec, cache)  # cache hits: rank 0 fetched everything
 
     with stages("preparing"):
-        resolved = resolve(spec, model_type_of(inputs.model))
+        arch = architecture(spec, resolved, model_type_of(inputs.model))
         precision = _precision(spec.hyperparameters.precision)
         tokenizer = load_tokenizer(inputs.tokenizer, task)
         try:
@@ -387,7 +402,7 @@ def run(job: FineTuneJob, reporter: Reporter, workdir: Path) -> Outcome:
         base_metrics = score(spec, resolved, data, base_outputs)
 
     with stages("preparing", message="method and checkpoint"):
-        model = apply_method(model, spec, resolved, spec.hyperparameters.gradient_checkpointing)
+        model = apply_method(model, spec, arch, spec.hyperparameters.gradient_checkpointing)
         trainable, total = parameter_counts(model)
         resume: Path | None = None
         if main:
@@ -409,9 +424,9 @@ def run(job: FineTuneJob, reporter: Reporter, workdir: Path) -> Outcome:
         )
         progress = ProgressCallback(reporter)
         callbacks: list[Any] = [progress, uploader]
-        es = spec.hyperparameters.early_stopping
-        if es is not None:
-            callbacks.append(EarlyStoppingCallback(es.patience, es.threshold))
+        stopper = early_stopping(spec)
+        if stopper is not None:
+            callbacks.append(stopper)
         compute_metrics = None
         if task == Task.CLASSIFICATION and data.label_names:
             compute_metrics = evaluate.trainer_compute_metrics(
@@ -511,7 +526,7 @@ def run(job: FineTuneJob, reporter: Reporter, workdir: Path) -> Outcome:
             "files": files,
             "checkpoints": [{"step": s, "uri": checkpoint_uri(spec.output.uri, s)} for s in complete],
             "config": job.model_copy(update={"status": None}).dump(),
-            "resolved": resolved.to_dict(),
+            "resolved": {**resolved.dump(), "architecture": arch.to_dict()},
             "versions": _versions(),
             "dataset": {"sha256": data.stats.get("dataset_sha256"), "stats": data.stats},
             "durationsSeconds": stages.durations,
