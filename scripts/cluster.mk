@@ -3,8 +3,10 @@
 #
 #   make cluster        start it (idempotent; builds the Kubernetes binaries once if not cached),
 #                       then build + import the images
-#   make images         (re)build the pause and finetune-trainer images without Docker and import
-#                       them into the running cluster (first build 3-10 min, then seconds)
+#   make images         (re)build the pause, finetune-trainer and finetune-operator images without
+#                       Docker and import them into the running cluster (first build 3-10 min, then seconds)
+#   make operator-image just the slim operator image (+ import)
+#   make image-sizes    each cached image's size, unpacked and compressed (gzip), as docs/local-cluster.md lists
 #   make cluster-down   stop it and remove everything it made on the host (images stay cached)
 #
 # Afterwards: eval "$$(scripts/cluster.sh env)" for KUBECONFIG and FINETUNE_S3_ENDPOINT.
@@ -12,7 +14,7 @@
 
 CLUSTER_SCRIPTS := $(dir $(lastword $(MAKEFILE_LIST)))
 
-.PHONY: cluster cluster-down cluster-status images
+.PHONY: cluster cluster-down cluster-status images operator-image image-sizes
 
 cluster: venv
 	bash $(CLUSTER_SCRIPTS)cluster.sh up
@@ -20,6 +22,12 @@ cluster: venv
 
 images: venv
 	bash $(CLUSTER_SCRIPTS)images/build.sh
+
+operator-image: venv
+	bash $(CLUSTER_SCRIPTS)images/build.sh operator
+
+image-sizes: venv
+	bash $(CLUSTER_SCRIPTS)images/build.sh sizes
 
 cluster-down:
 	bash $(CLUSTER_SCRIPTS)cluster.sh down

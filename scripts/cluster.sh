@@ -33,6 +33,7 @@
 #   FINETUNE_UP_TIMEOUT      seconds each readiness wait may take (default 120)
 #   FINETUNE_PYTHON          Python with moto[server] (default <repo>/.venv/bin/python)
 #   FINETUNE_PAUSE_IMAGE     CRI sandbox image (default registry.k8s.io/pause:3.6)
+#   FINETUNE_KUBELET_PORT    the kubelet's port (default 10650)
 #
 # Coexists with scripts/control-plane.sh (integration tier): different state dir, ports
 # (etcd 2579/2580, apiserver 198.18.100.1:6443, controller-manager 10457, scheduler 10459,
@@ -44,6 +45,9 @@ REPO_ROOT=$(cd "$SCRIPT_DIR/.." && pwd)
 STATE="${FINETUNE_CLUSTER_STATE:-/tmp/finetune-cluster}"
 CACHE="${FINETUNE_CACHE:-$HOME/.cache/finetune}"
 BIN_DIR="$CACHE/k8s-1.20.2/bin"
+# The cluster's own kubectl (scripts/k8s-build.sh) when it is built, else the host's.
+KUBECTL="$BIN_DIR/kubectl"
+[[ -x "$KUBECTL" ]] || KUBECTL=kubectl
 CONTAINERD_ROOT="$CACHE/containerd"
 UP_TIMEOUT="${FINETUNE_UP_TIMEOUT:-120}"
 PYTHON="${FINETUNE_PYTHON:-$REPO_ROOT/.venv/bin/python}"
@@ -62,7 +66,8 @@ ETCD_CLIENT_PORT=2579
 ETCD_PEER_PORT=2580
 KCM_PORT=10457
 SCHED_PORT=10459
-KUBELET_PORT=10650
+# The kubelet's port can be moved when another tool on this machine holds 10650.
+KUBELET_PORT=${FINETUNE_KUBELET_PORT:-10650}
 KUBELET_HEALTHZ_PORT=10648
 PROXY_METRICS_PORT=10649
 PROXY_HEALTHZ_PORT=10656
@@ -192,11 +197,11 @@ is_ready() {
 foreign_cluster() {
   local kc=${KUBECONFIG:-} ready
   [[ -n "$kc" && "$kc" != "$KUBECONFIG_PATH" ]] || return 1
-  if ! KUBECONFIG="$kc" timeout 15 kubectl --request-timeout=5s get --raw /readyz >/dev/null 2>&1; then
+  if ! KUBECONFIG="$kc" timeout 15 "$KUBECTL" --request-timeout=5s get --raw /readyz >/dev/null 2>&1; then
     log "KUBECONFIG=$kc does not answer; ignoring it (using the local cluster)"
     return 1
   fi
-  ready=$(KUBECONFIG="$kc" timeout 15 kubectl --request-timeout=5s get nodes -o json 2>/dev/null |
+  ready=$(KUBECONFIG="$kc" timeout 15 "$KUBECTL" --request-timeout=5s get nodes -o json 2>/dev/null |
     jq '[.items[] | select(any(.status.conditions[]; .type == "Ready" and .status == "True"))] | length' 2>/dev/null || echo 0)
   if [[ "${ready:-0}" -eq 0 ]]; then
     log "KUBECONFIG=$kc answers but has no Ready node (scripts/control-plane.sh's?); ignoring it (using the local cluster)"
@@ -235,7 +240,7 @@ ensure_packages() {
 
 ensure_binaries() {
   local b
-  for b in kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy; do
+  for b in kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl; do
     if [[ ! -x "$BIN_DIR/$b" ]]; then
       log "$BIN_DIR/$b missing: running scripts/k8s-build.sh (10-15 min the first time)"
       bash "$SCRIPT_DIR/k8s-build.sh" >&2

@@ -5,7 +5,8 @@
 #   make control-plane-down   stop it and remove its state dir
 #
 # Afterwards: eval "$$(scripts/control-plane.sh env)" to point kubectl at it.
-# Binaries are cached in $${FINETUNE_CACHE:-$$HOME/.cache/finetune}/k8s-1.20.2/bin.
+# Binaries are cached in $${FINETUNE_CACHE:-$$HOME/.cache/finetune}/k8s-1.20.2/bin, kubectl v1.20.2
+# included: the tests run that one, not the host's (tests/kubectl.py).
 
 CONTROL_PLANE_SCRIPTS := $(dir $(lastword $(MAKEFILE_LIST)))
 

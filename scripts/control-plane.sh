@@ -212,7 +212,7 @@ cmd_up() {
 
   # Binaries: build them if the cache is empty (slow the first time only).
   local b
-  for b in kube-apiserver kube-controller-manager; do
+  for b in kube-apiserver kube-controller-manager kubectl; do
     if [[ ! -x "$BIN_DIR/$b" ]]; then
       log "$BIN_DIR/$b missing; running scripts/k8s-build.sh (~7 min the first time)"
       bash "$SCRIPT_DIR/k8s-build.sh" >&2

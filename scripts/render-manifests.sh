@@ -9,7 +9,9 @@
 #   - a Namespace object comes first (kubectl has no --create-namespace), labelled for PodSecurity
 #     `restricted`, which the operator pod passes;
 #   - no CRD (it is manifests/crd.yaml, generated from the API models), no `helm test` smoke check (it runs
-#     only under `helm test`, so test.enabled=false also leaves out its ServiceAccount and Role).
+#     only under `helm test`, so test.enabled=false also leaves out its ServiceAccount and Role);
+#   - no hooks (--no-hooks): kubectl would run the pre-delete cleanup Job at once, stopping the operator. A
+#     kubectl install removes the operator's finalizers by hand before `kubectl delete` (docs/uninstall.md).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -18,7 +20,7 @@ NAMESPACE=finetune-system
 RELEASE=finetune-operator
 
 rendered=$("$ROOT/scripts/helm.sh" template "$RELEASE" "$ROOT/charts/finetune-operator" \
-  --namespace "$NAMESPACE" --skip-tests --set test.enabled=false)
+  --namespace "$NAMESPACE" --no-hooks --set test.enabled=false)
 
 {
   cat <<YAML

@@ -1,5 +1,7 @@
 """Repository-wide test fixtures.
 
+* kubectl is the project's own (v1.20.2, scripts/k8s-build.sh; see tests/kubectl.py): its directory goes first
+  on PATH at import time, so tests and every subprocess they start run it, not the host's kubectl.
 * Model hubs are switched off for the whole session (set at import time, before transformers or datasets
   are imported by any test module): a test that tries to download a model fails instead of hanging.
 * ``s3_server``: a real S3 endpoint for the session, moto in server mode on 127.0.0.1 (the S3 HTTP
@@ -23,8 +25,12 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.kubectl import use_project_kubectl
+
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
+
+use_project_kubectl()
 
 for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ[_var] = "1"

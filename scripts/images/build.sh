@@ -2,16 +2,20 @@
 # Build the local cluster's container images WITHOUT Docker, cache them, and import them
 # into the local cluster's containerd (k8s.io namespace).
 #
-#   scripts/images/build.sh [all]     pause + trainer images, then import (default)
+#   scripts/images/build.sh [all]     pause + trainer + operator images, then import (default)
 #   scripts/images/build.sh pause     the CRI sandbox image only (+ import)
 #   scripts/images/build.sh trainer   finetune-trainer:<version> only (+ import)
+#   scripts/images/build.sh operator  finetune-operator:<version> only (+ import)
 #   scripts/images/build.sh import    import the cached archives that containerd lacks
+#   scripts/images/build.sh sizes     print each cached image's size: unpacked (the layer tars) and
+#                                     compressed (gzip -6 of each layer, as a registry would store it)
 #
 # Images (archives in ${FINETUNE_CACHE:-$HOME/.cache/finetune}/images/):
 #   registry.k8s.io/pause:3.6   one static binary (scripts/images/pause.c), the pod sandbox.
-#   finetune-trainer:<version>  <version> from pyproject.toml. ONE Python image for both the
-#                               trainer and the operator (`python -m finetune_trainer ...`,
-#                               `python -m finetune_operator`):
+#   finetune-trainer:<version>  <version> from pyproject.toml. The trainer (`python -m
+#                               finetune_trainer ...`); the default image of trainer pods. It also
+#                               carries the [operator] extra (a superset; the chart does not use it
+#                               for the operator any more):
 #     layer 1 (base): debootstrap bookworm minbase + python3 (3.11) + a venv at /opt/venv with
 #       the project's third-party dependencies (torch from the local wheel folder, then the
 #       runtime + [trainer] + [operator] requirements read from pyproject.toml). Cached in
@@ -20,7 +24,14 @@
 #     layer 2 (app): the project's own packages: `pip wheel --no-deps .` from the working
 #       tree, installed into /opt/venv with --no-deps. Rebuilt every run (seconds); the layer
 #       is reproducible, so an unchanged tree yields the same image ID and nothing is imported.
-#     uid/gid 1000 ("finetune"), WORKDIR /workspace, PATH starts with /opt/venv/bin.
+#   finetune-operator:<version> the operator's slim image (`python -m finetune_operator`; also the
+#                               chart's `helm test` and pre-delete cleanup hooks): no torch,
+#                               transformers or datasets.
+#     layer 1 (base): the same debootstrap + python3 + /opt/venv, with only the runtime +
+#       [operator] requirements. Cached in images/operator-base-<key>/ (~1-2 min to build).
+#     layer 2 (app): only the packages finetune_api and finetune_operator, copied from the
+#       working tree (not the wheel: finetune_trainer and finetune_cli stay out) and byte-compiled.
+#   Both: uid/gid 1000 ("finetune"), WORKDIR /workspace, PATH starts with /opt/venv/bin.
 #
 # Import: into the containerd of scripts/cluster.sh (socket under its state dir), only when
 # that containerd is running and lacks this exact image ID. `scripts/cluster.sh up` runs
@@ -31,7 +42,8 @@
 #   FINETUNE_CLUSTER_STATE      cluster state dir, to find containerd (default /tmp/finetune-cluster)
 #   FINETUNE_CONTAINERD_ADDRESS containerd socket to import into (default: the cluster's)
 #   FINETUNE_NO_IMPORT=1        build/cache only
-#   FINETUNE_TRAINER_IMAGE      tag of the Python image (default finetune-trainer:<version>)
+#   FINETUNE_TRAINER_IMAGE      tag of the trainer image (default finetune-trainer:<version>)
+#   FINETUNE_OPERATOR_IMAGE     tag of the operator image (default finetune-operator:<version>)
 #   FINETUNE_PAUSE_IMAGE        sandbox image tag (default registry.k8s.io/pause:3.6; must match
 #                               containerd's sandbox_image, which scripts/cluster.sh sets from it)
 #   FINETUNE_DEBIAN_MIRROR      default http://deb.debian.org/debian
@@ -48,6 +60,7 @@ SUITE=bookworm
 MIRROR="${FINETUNE_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 # Bump when the base-layer recipe below changes in a way that needs a rebuild.
 BASE_RECIPE=3
+OPERATOR_BASE_RECIPE=2
 PYVER=3.11
 SITE=/opt/venv/lib/python$PYVER/site-packages
 IMAGE_PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -147,14 +160,17 @@ pip_sources() {
 }
 
 # ---- project metadata ------------------------------------------------------------------------
-# Prints: version, then the requirement lines (runtime + [trainer] + [operator]).
+# project_requirements [EXTRA...]: prints the version, then the requirement lines (runtime + the
+# extras named; default: trainer operator).
 project_requirements() {
-  "$PY" - "$REPO_ROOT/pyproject.toml" <<'EOF'
+  local extras=("$@")
+  ((${#extras[@]})) || extras=(trainer operator)
+  "$PY" - "$REPO_ROOT/pyproject.toml" "${extras[@]}" <<'EOF'
 import sys, tomllib
 p = tomllib.load(open(sys.argv[1], "rb"))["project"]
 print(p["version"])
 reqs = list(p.get("dependencies", []))
-for extra in ("trainer", "operator"):
+for extra in sys.argv[2:]:
     reqs += p.get("optional-dependencies", {}).get(extra, [])
 seen = set()
 for r in reqs:
@@ -201,22 +217,27 @@ find_local_torch_wheel() {  # find_local_torch_wheel VERSION -> path or nothing
   done | head -n1
 }
 
-build_base() {  # build_base KEY TORCH_WHEEL TORCH_VERSION REQ...
-  local key=$1 torch_wheel=$2 torch_version=$3; shift 3
-  local reqs=("$@") dir="$IMAGES/base-$key" work="$IMAGES/base-$key.partial" root d
+# build_base FLAVOUR DIR TORCH_WHEEL TORCH_VERSION REQ...
+#   FLAVOUR trainer: torch (TORCH_WHEEL, or TORCH_VERSION from the PyTorch CPU index) + REQ.
+#   FLAVOUR operator: REQ only (TORCH_WHEEL and TORCH_VERSION are ""); torch must not be there.
+# Older bases of the same flavour (siblings of DIR with the same prefix) are removed.
+build_base() {
+  local flavour=$1 dir=$2 torch_wheel=$3 torch_version=$4; shift 4
+  local reqs=("$@") work="$dir.partial" prefix root d
   need_packages debootstrap:debootstrap
   umount_stale
   rm -rf "$work"
   mkdir -p "$work" "$IMAGES/debs"
   root="$work/rootfs"
 
-  stage "base: debootstrap $SUITE minbase + python3"
+  prefix=$(basename "$dir"); prefix=${prefix%-*}   # base or operator-base
+  stage "$prefix: debootstrap $SUITE minbase + python3"
   debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
     --cache-dir="$IMAGES/debs" "$SUITE" "$root" "$MIRROR" >"$work/debootstrap.log" 2>&1 ||
     { tail -n 30 "$work/debootstrap.log" >&2; return 1; }
   log "  rootfs after debootstrap: $(du -sh -x "$root" | cut -f1)"
 
-  stage "base: venv + torch + requirements (pip, in the chroot)"
+  stage "$prefix: venv + ${torch_version:+torch + }requirements (pip, in the chroot)"
   mount -t proc proc "$root/proc"; MOUNTS+=("$root/proc")
   mount_in "$root" /dev /dev
   # Network access for pip: the host's resolver and CA bundle (only while building).
@@ -224,27 +245,34 @@ build_base() {  # build_base KEY TORCH_WHEEL TORCH_VERSION REQ...
   mount_in "$root" /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt ro
   for d in "${LOCAL_PIP_DIRS[@]}"; do mount_in "$root" "$d" "$d" ro; done
   in_root "$root" python3 -m venv /opt/venv
-  if [[ -n "$torch_wheel" ]]; then
+  : >"$root/tmp/ftj-constraints.txt"
+  if [[ "$flavour" == operator ]]; then
+    :  # no torch
+  elif [[ -n "$torch_wheel" ]]; then
     mount_in "$root" "$(dirname "$torch_wheel")" /tmp/ftj-torch ro
     in_root "$root" /opt/venv/bin/pip install -q "/tmp/ftj-torch/$(basename "$torch_wheel")" 2>&1 | quiet_pip
   else
     # No local wheel: the CPU build from PyTorch's index (PyPI's Linux wheel bundles CUDA).
     in_root "$root" /opt/venv/bin/pip install -q --index-url https://download.pytorch.org/whl/cpu "torch==$torch_version" 2>&1 | quiet_pip
   fi
-  local installed_torch
-  installed_torch=$(in_root "$root" /opt/venv/bin/python -c 'import importlib.metadata as m; print(m.version("torch"))')
-  echo "torch==$installed_torch" >"$root/tmp/ftj-constraints.txt"
-  log "  torch $installed_torch installed (/opt/venv: $(du -sh "$root/opt/venv" | cut -f1)); now: ${reqs[*]}"
+  if [[ "$flavour" == trainer ]]; then
+    local installed_torch
+    installed_torch=$(in_root "$root" /opt/venv/bin/python -c 'import importlib.metadata as m; print(m.version("torch"))')
+    echo "torch==$installed_torch" >"$root/tmp/ftj-constraints.txt"
+    log "  torch $installed_torch installed (/opt/venv: $(du -sh "$root/opt/venv" | cut -f1)); now: ${reqs[*]}"
+  fi
   in_root "$root" /opt/venv/bin/pip install -q -c /tmp/ftj-constraints.txt "${reqs[@]}" 2>&1 | quiet_pip
   log "  /opt/venv: $(du -sh "$root/opt/venv" | cut -f1)"
   in_root "$root" /opt/venv/bin/pip freeze --all >"$work/freeze.txt"
+  # The operator image installs nothing later (its app layer is copied in): no pip, no setuptools.
+  [[ "$flavour" != operator ]] || in_root "$root" /opt/venv/bin/pip uninstall -q -y pip setuptools 2>&1 | quiet_pip
   # The non-root user every pod runs as, and its working directory.
   in_root "$root" groupadd -g 1000 finetune
   in_root "$root" useradd -u 1000 -g 1000 -d /workspace -M -s /usr/sbin/nologin finetune
   install -d -m 0755 -o 1000 -g 1000 "$root/workspace"
   umount_all
 
-  stage "base: slim + check"
+  stage "$prefix: slim + check"
   rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/* "$root"/var/cache/debconf/*-old \
     "$root"/usr/share/doc/* "$root"/usr/share/man/* "$root"/usr/share/info/* "$root"/var/log/* \
     "$root"/root/.cache "$root"/tmp/* "$root"/tmp/.[!.]* 2>/dev/null || true
@@ -256,6 +284,20 @@ build_base() {  # build_base KEY TORCH_WHEEL TORCH_VERSION REQ...
   log "  removed bundled test suites: $((before - $(du -sm "$root" | cut -f1))) MB"
   # The whole dependency set must still import.
   mount -t proc proc "$root/proc"; MOUNTS+=("$root/proc")
+  if [[ "$flavour" == operator ]]; then
+    # ... and nothing of the trainer's stack may have come in through a dependency.
+    in_root "$root" /opt/venv/bin/python -c '
+import importlib, importlib.util, sys
+mods = ["kopf", "kubernetes", "pydantic", "yaml", "boto3"]
+for m in mods:
+    importlib.import_module(m)
+heavy = [m for m in ("torch", "transformers", "datasets", "accelerate", "peft", "pyarrow", "pandas", "numpy")
+         if importlib.util.find_spec(m) is not None]
+if heavy:
+    sys.exit(f"the operator base must not contain {heavy}")
+print("imports ok:", len(mods), "modules; no torch/transformers/datasets")
+' >&2
+  else
   in_root "$root" /opt/venv/bin/python -c '
 import importlib, sys
 mods = ["torch", "transformers", "tokenizers", "accelerate", "peft", "datasets", "pyarrow", "pandas",
@@ -265,31 +307,61 @@ for m in mods:
     importlib.import_module(m)
 print("imports ok:", len(mods), "modules; torch", sys.modules["torch"].__version__)
 ' >&2
+  fi
   umount_all
   rm -rf "$root"/tmp/* 2>/dev/null || true
   log "  rootfs: $(du -sh "$root" | cut -f1) (site-packages $(du -sh "$root$SITE" | cut -f1))"
 
-  stage "base: pack layer tar"
+  stage "$prefix: pack layer tar"
   "${PACK[@]}" layer "$root" "$work/layer.tar" --empty-dir proc --empty-dir sys --empty-dir dev >/dev/null
   date -u +%Y-%m-%dT%H:%M:%SZ >"$work/created"
   printf '%s\n' "${reqs[@]}" >"$work/requirements.txt"
-  log "  base layer: $(human "$work/layer.tar")"
-  # Replace older bases (each is a few GB): only the current key is kept.
-  for d in "$IMAGES"/base-*; do
+  log "  $prefix layer: $(human "$work/layer.tar")"
+  # Replace older bases of this flavour (a trainer base is a few GB): only the current key is kept.
+  for d in "$IMAGES/$prefix"-*; do
     [[ "$d" == "$work" || ! -d "$d" ]] || rm -rf "$d"
   done
   mv "$work" "$dir"
 }
 
-# ---- trainer image: app layer + archive -----------------------------------------------------------
+# ---- app layers + archives ------------------------------------------------------------------------
 trainer_archive() { echo "$IMAGES/$(echo "$TRAINER_TAG" | tr '/:' '__').tar"; }
+operator_archive() { echo "$IMAGES/$(echo "$OPERATOR_TAG" | tr '/:' '__').tar"; }
+
+image_tags() {  # sets VERSION, TRAINER_TAG and OPERATOR_TAG
+  local lines
+  mapfile -t lines < <(project_requirements)
+  VERSION=${lines[0]}
+  TRAINER_TAG="${FINETUNE_TRAINER_IMAGE:-finetune-trainer:$VERSION}"
+  OPERATOR_TAG="${FINETUNE_OPERATOR_IMAGE:-finetune-operator:$VERSION}"
+}
+
+# Byte-compile what STAGING (mounted at /tmp/ftj-root in ROOT) holds, with ROOT's python: hash-checked
+# pycs (reproducible; valid on a read-only root filesystem).
+compile_staging() {  # compile_staging ROOT EPOCH
+  SOURCE_DATE_EPOCH=$2 in_root "$1" /opt/venv/bin/python -m compileall -q \
+    --invalidation-mode checked-hash -s /tmp/ftj-root -p / "/tmp/ftj-root$SITE" >/dev/null
+}
+
+write_archive() {  # write_archive TAG OUT BASE_DIR APP_LAYER TITLE BASE_HISTORY APP_HISTORY
+  local tag=$1 out=$2 dir=$3 app=$4 title=$5
+  "${PACK[@]}" image --tag "$tag" --out "$out" \
+    --layer "$dir/layer.tar" --layer "$app" \
+    --user 1000 --workdir /workspace --cmd '["python"]' --created "$(cat "$dir/created")" \
+    --env "PATH=$IMAGE_PATH" --env VIRTUAL_ENV=/opt/venv --env HOME=/workspace --env LANG=C.UTF-8 \
+    --env PYTHONUNBUFFERED=1 --env PYTHONDONTWRITEBYTECODE=1 \
+    --label "org.opencontainers.image.title=$title" \
+    --label "org.opencontainers.image.version=$VERSION" \
+    --label "finetune.dev/base-key=$(basename "$dir")" \
+    --history "$6" --history "$7" >/dev/null
+  log "  $tag: $out ($(human "$out"); image $(cut -c1-19 "$out.id"))"
+}
 
 build_trainer() {
-  local lines version reqs torch_req torch_version torch_wheel key dir work root whl epoch
-  mapfile -t lines < <(project_requirements)
-  version=${lines[0]}
+  local lines reqs torch_req torch_version torch_wheel key dir work root whl epoch
+  image_tags
+  mapfile -t lines < <(project_requirements trainer operator)
   reqs=("${lines[@]:1}")
-  TRAINER_TAG="${FINETUNE_TRAINER_IMAGE:-finetune-trainer:$version}"
   torch_req=$(printf '%s\n' "${reqs[@]}" | grep -E '^torch *==' | head -n1 || true)
   [[ -n "$torch_req" ]] || { log "pyproject.toml's [trainer] extra must pin torch (torch==X)"; return 1; }
   torch_version=$(echo "$torch_req" | sed -E 's/^torch *== *([^ ;,]+).*/\1/')
@@ -300,16 +372,16 @@ build_trainer() {
   dir="$IMAGES/base-$key"
 
   if [[ -f "$dir/layer.tar" && -f "$dir/layer.tar.sha256" && -d "$dir/rootfs" ]]; then
-    log "base layer cached: $dir ($(human "$dir/layer.tar"))"
+    log "trainer base layer cached: $dir ($(human "$dir/layer.tar"))"
   else
-    log "building the base layer (key $key; first time 5-10 min): torch ${torch_wheel:-$torch_version from the PyTorch CPU index}"
-    build_base "$key" "$torch_wheel" "$torch_version" "${reqs[@]}"
+    log "building the trainer base layer (key $key; first time 5-10 min): torch ${torch_wheel:-$torch_version from the PyTorch CPU index}"
+    build_base trainer "$dir" "$torch_wheel" "$torch_version" "${reqs[@]}"
   fi
   root="$dir/rootfs"
   # A fixed time for everything in layer 2 and the config: same tree -> same image ID.
   epoch=$(date -u -d "$(cat "$dir/created")" +%s)
 
-  stage "app: pip wheel --no-deps . (working tree)"
+  stage "trainer app: pip wheel --no-deps . (working tree)"
   umount_stale
   work="$IMAGES/app.work"
   rm -rf "$work"
@@ -318,32 +390,88 @@ build_trainer() {
   whl=$(ls "$work"/wheel/*.whl)
   log "  $(basename "$whl") ($(human "$whl"))"
 
-  stage "app: install into /opt/venv (layer 2)"
+  stage "trainer app: install into /opt/venv (layer 2)"
   mount_in "$root" "$work/wheel" /tmp/ftj-wheel ro
   mount_in "$root" "$work/root" /tmp/ftj-root
   SOURCE_DATE_EPOCH=$epoch in_root "$root" /opt/venv/bin/pip install -q --no-deps --no-index --no-compile \
     --no-warn-script-location --root /tmp/ftj-root "/tmp/ftj-wheel/$(basename "$whl")"
-  # Byte-compile with hash-checked pycs (reproducible; valid on a read-only root filesystem).
-  SOURCE_DATE_EPOCH=$epoch in_root "$root" /opt/venv/bin/python -m compileall -q \
-    --invalidation-mode checked-hash -s /tmp/ftj-root -p / "/tmp/ftj-root$SITE" >/dev/null
+  compile_staging "$root" "$epoch"
   umount_all
   rmdir "$root/tmp/ftj-wheel" "$root/tmp/ftj-root" 2>/dev/null || true
   "${PACK[@]}" layer "$work/root" "$work/layer.tar" --mtime "$epoch" >/dev/null
   log "  app layer: $(human "$work/layer.tar")"
 
-  stage "image archive"
-  "${PACK[@]}" image --tag "$TRAINER_TAG" --out "$(trainer_archive)" \
-    --layer "$dir/layer.tar" --layer "$work/layer.tar" \
-    --user 1000 --workdir /workspace --cmd '["python"]' --created "$(cat "$dir/created")" \
-    --env "PATH=$IMAGE_PATH" --env VIRTUAL_ENV=/opt/venv --env HOME=/workspace --env LANG=C.UTF-8 \
-    --env PYTHONUNBUFFERED=1 --env PYTHONDONTWRITEBYTECODE=1 \
-    --label "org.opencontainers.image.title=finetune-trainer" \
-    --label "org.opencontainers.image.version=$version" \
-    --label "finetune.dev/base-key=$key" \
-    --history "debootstrap $SUITE minbase, python3, /opt/venv: torch $torch_version + requirements (base-$key)" \
-    --history "pip install --no-deps $(basename "$whl")" >/dev/null
-  log "  $TRAINER_TAG: $(trainer_archive) ($(human "$(trainer_archive)"); image $(cut -c1-19 "$(trainer_archive).id"))"
+  stage "trainer image archive"
+  write_archive "$TRAINER_TAG" "$(trainer_archive)" "$dir" "$work/layer.tar" finetune-trainer \
+    "debootstrap $SUITE minbase, python3, /opt/venv: torch $torch_version + requirements ($(basename "$dir"))" \
+    "pip install --no-deps $(basename "$whl")"
   stage ""
+}
+
+build_operator() {
+  local lines reqs key dir work root epoch pkg
+  image_tags
+  mapfile -t lines < <(project_requirements operator)
+  reqs=("${lines[@]:1}")
+  if printf '%s\n' "${reqs[@]}" | grep -qiE '^(torch|transformers|datasets)\b'; then
+    log "the runtime or [operator] requirements name torch/transformers/datasets: the operator image must not"
+    return 1
+  fi
+  pip_sources
+  key=$({ echo "recipe=$OPERATOR_BASE_RECIPE suite=$SUITE"; printf '%s\n' "${reqs[@]}"; } | sha256sum | cut -c1-16)
+  dir="$IMAGES/operator-base-$key"
+
+  if [[ -f "$dir/layer.tar" && -f "$dir/layer.tar.sha256" && -d "$dir/rootfs" ]]; then
+    log "operator base layer cached: $dir ($(human "$dir/layer.tar"))"
+  else
+    log "building the operator base layer (key $key; first time 1-3 min): ${reqs[*]}"
+    build_base operator "$dir" "" "" "${reqs[@]}"
+  fi
+  root="$dir/rootfs"
+  epoch=$(date -u -d "$(cat "$dir/created")" +%s)
+
+  # Only the two packages the operator imports, straight from the working tree (no wheel: it would
+  # bring finetune_trainer and finetune_cli along).
+  stage "operator app: finetune_api + finetune_operator (layer 2)"
+  umount_stale
+  work="$IMAGES/operator-app.work"
+  rm -rf "$work"
+  mkdir -p "$work/root$SITE"
+  for pkg in api/finetune_api operator/finetune_operator; do
+    cp -r "$REPO_ROOT/$pkg" "$work/root$SITE/"
+  done
+  find "$work/root" \( -name __pycache__ -o -name '*.pyc' \) -prune -exec rm -rf {} +
+  chmod -R u=rwX,go=rX "$work/root"
+  mount_in "$root" "$work/root" /tmp/ftj-root
+  compile_staging "$root" "$epoch"
+  # The operator must start without the trainer's stack: import it with those modules blocked.
+  in_root "$root" /usr/bin/env PYTHONPATH="/tmp/ftj-root$SITE" /opt/venv/bin/python -c '
+import sys
+for m in ("torch", "transformers", "datasets", "finetune_trainer", "finetune_cli"):
+    sys.modules[m] = None
+import finetune_api, finetune_operator, finetune_operator.__main__, finetune_operator.handlers
+' >&2 || { log "finetune_operator does not import in the operator image"; return 1; }
+  umount_all
+  rmdir "$root/tmp/ftj-root" 2>/dev/null || true
+  "${PACK[@]}" layer "$work/root" "$work/layer.tar" --mtime "$epoch" >/dev/null
+  log "  app layer: $(human "$work/layer.tar")"
+
+  stage "operator image archive"
+  write_archive "$OPERATOR_TAG" "$(operator_archive)" "$dir" "$work/layer.tar" finetune-operator \
+    "debootstrap $SUITE minbase, python3, /opt/venv: runtime + [operator] requirements ($(basename "$dir"))" \
+    "finetune_api + finetune_operator from the working tree"
+  stage ""
+}
+
+# ---- sizes ---------------------------------------------------------------------------------------
+print_sizes() {
+  local tar
+  image_tags
+  printf '%-32s %12s %12s\n' image unpacked compressed
+  for tar in "$(pause_archive)" "$(trainer_archive)" "$(operator_archive)"; do
+    [[ -f "$tar" ]] || continue
+    "${PACK[@]}" sizes "$tar"
+  done
 }
 
 # ---- import into containerd ----------------------------------------------------------------------
@@ -414,15 +542,11 @@ import_all() {
       "(scripts/cluster.sh up imports them)"
     return 0
   fi
-  local what=${1:-all} lines version
+  local what=${1:-all}
+  [[ -n "${TRAINER_TAG:-}" ]] || image_tags
   if [[ "$what" == all || "$what" == pause ]]; then import_archive "$(pause_archive)" "$PAUSE_TAG"; fi
-  if [[ "$what" == all || "$what" == trainer ]]; then
-    if [[ -z "${TRAINER_TAG:-}" ]]; then
-      mapfile -t lines < <(project_requirements)
-      TRAINER_TAG="${FINETUNE_TRAINER_IMAGE:-finetune-trainer:${lines[0]}}"
-    fi
-    import_archive "$(trainer_archive)" "$TRAINER_TAG"
-  fi
+  if [[ "$what" == all || "$what" == trainer ]]; then import_archive "$(trainer_archive)" "$TRAINER_TAG"; fi
+  if [[ "$what" == all || "$what" == operator ]]; then import_archive "$(operator_archive)" "$OPERATOR_TAG"; fi
   prune_stale_ids
 }
 
@@ -433,11 +557,13 @@ if ! flock -n 9; then log "another image build holds $IMAGES/.lock; waiting"; fl
 need_packages ctr:containerd
 
 case "${1:-all}" in
-  all) build_pause; build_trainer; stage "import"; import_all all ;;
+  all) build_pause; build_operator; build_trainer; stage "import"; import_all all ;;
   pause) build_pause; import_all pause ;;
   trainer) build_trainer; stage "import"; import_all trainer ;;
+  operator) build_operator; stage "import"; import_all operator ;;
   import) import_all all ;;
-  *) echo "usage: $0 [all|pause|trainer|import]" >&2; exit 2 ;;
+  sizes) print_sizes; exit 0 ;;
+  *) echo "usage: $0 [all|pause|trainer|operator|import|sizes]" >&2; exit 2 ;;
 esac
 stage ""
 log "finished in $((SECONDS - T0))s"

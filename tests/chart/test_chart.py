@@ -2,7 +2,9 @@
 
 What these tests pin: the chart lints; its policy ConfigMap is exactly what the operator's config model
 accepts (so chart and operator cannot drift); the values schema rejects mistakes before anything renders;
-RBAC stays least-privilege; the operator and test pods pass PodSecurity `restricted`; manifests/operator.yaml
+RBAC stays least-privilege; the operator, test and cleanup-hook pods pass PodSecurity `restricted`; the
+operator runs the slim operator image while trainer pods default to the trainer image; `helm uninstall`
+first runs a pre-delete hook that strips the operator's finalizer from FineTuneJobs; manifests/operator.yaml
 is a fresh render. helm is required: if scripts/helm.sh cannot provide it, the tests fail rather than skip.
 """
 
@@ -48,6 +50,19 @@ def render(helm: str, *flags: str, chart: Path = CHART) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(proc.stdout) if d]
 
 
+def hook_of(doc: dict[str, Any]) -> str | None:
+    return ((doc.get("metadata") or {}).get("annotations") or {}).get("helm.sh/hook")
+
+
+def release_objects(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What `helm install` creates and keeps (no hooks)."""
+    return [d for d in docs if hook_of(d) is None]
+
+
+def hooks(docs: list[dict[str, Any]], hook: str) -> list[dict[str, Any]]:
+    return [d for d in docs if hook_of(d) == hook]
+
+
 def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> list[dict[str, Any]]:
     return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
 
@@ -88,7 +103,10 @@ def test_default_render_has_the_operator_objects(helm: str) -> None:
     kinds = sorted(d["kind"] for d in docs)
     operator = ["ServiceAccount", "ConfigMap", "ClusterRole", "ClusterRoleBinding", "Deployment"]
     smoke_test = ["ServiceAccount", "Role", "RoleBinding", "Pod"]
-    assert kinds == sorted([*operator, *smoke_test])
+    cleanup = ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Job"]
+    assert kinds == sorted([*operator, *smoke_test, *cleanup])
+    assert sorted(d["kind"] for d in hooks(docs, "pre-delete")) == sorted(cleanup)
+    assert sorted(d["kind"] for d in hooks(docs, "test")) == ["Pod"]
     for doc in docs:
         if doc["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
             assert doc["metadata"]["namespace"] == NAMESPACE, doc["metadata"]
@@ -137,9 +155,35 @@ def test_every_policy_value_reaches_the_operator(helm: str, tmp_path: Path) -> N
     assert (research.limits.max_gpus_per_job, research.defaults.gpus, research.limits.max_cpu) == (16, 4, "16")
 
 
-def test_trainer_image_defaults_to_the_operator_image(helm: str) -> None:
-    cfg = operator_config(render(helm, "--set", "image.repository=reg.example.com/ft", "--set", "image.tag=9.9"))
-    assert cfg.defaults.image == "reg.example.com/ft:9.9"
+def deployment_image(docs: list[dict[str, Any]]) -> str:
+    return str(one(release_objects(docs), "Deployment")["spec"]["template"]["spec"]["containers"][0]["image"])
+
+
+def test_operator_runs_the_slim_image_and_trainers_default_to_the_trainer_image(helm: str) -> None:
+    version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    docs = render(helm)
+    assert deployment_image(docs) == f"finetune-operator:{version}"
+    assert operator_config(docs).defaults.image == f"finetune-trainer:{version}"
+    # Each follows its own values.
+    docs = render(
+        helm,
+        *("--set", "image.repository=reg.example.com/op", "--set", "image.tag=9.9"),
+        *("--set", "trainerImage.repository=reg.example.com/ft", "--set", "trainerImage.tag=2.0"),
+    )
+    assert deployment_image(docs) == "reg.example.com/op:9.9"
+    assert operator_config(docs).defaults.image == "reg.example.com/ft:2.0"
+    # An explicit policy image wins; the hooks run the operator image (Python + the Kubernetes client).
+    docs = render(helm, "--set", "policy.defaults.image=reg.example.com/custom:1")
+    assert operator_config(docs).defaults.image == "reg.example.com/custom:1"
+    for kind in ("Pod", "Job"):
+        (pod,) = [d for d in docs if d["kind"] == kind]
+        assert pod["spec"].get("template", pod)["spec"]["containers"][0]["image"] == f"finetune-operator:{version}"
+
+
+def test_local_values_name_both_images(helm: str) -> None:
+    docs = render(helm, "-f", str(CHART / "ci" / "local-values.yaml"))
+    assert deployment_image(docs).startswith("finetune-operator:")
+    assert operator_config(docs).defaults.image.startswith("finetune-trainer:")
 
 
 def test_empty_string_lifts_cpu_and_memory_limits(helm: str, tmp_path: Path) -> None:
@@ -216,6 +260,9 @@ def test_values_schema_matches_the_config_model(model: type[BaseModel], pointer:
         (["--set", "resources.limits.cpu=-1"], "resources.limits.cpu"),
         (["--set", "replicas=2"], "Additional property replicas is not allowed"),
         (["--set", "securityContext.privileged=yes"], "securityContext.privileged"),
+        (["--set", "trainerImage.repo=x"], "Additional property repo is not allowed"),
+        (["--set", "cleanupOnUninstall.enable=false"], "Additional property enable is not allowed"),
+        (["--set", "cleanupOnUninstall.timeoutSeconds=0"], "cleanupOnUninstall.timeoutSeconds"),
     ],
 )
 def test_schema_rejects_invalid_values(helm: str, flags: list[str], message: str) -> None:
@@ -241,11 +288,13 @@ DISCOVERY_RULES = {
 }
 
 
-def grants(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
-    """(apiGroup, resource) -> verbs of one Role or ClusterRole."""
+def grants(role: dict[str, Any], named: bool = False) -> dict[tuple[str, str], set[str]]:
+    """(apiGroup, resource) -> verbs of one Role or ClusterRole. Rules limited to resourceNames are allowed
+    only with named=True."""
     out: dict[tuple[str, str], set[str]] = {}
     for rule in role["rules"]:
-        assert not rule.get("resourceNames") and not rule.get("nonResourceURLs"), rule
+        assert not rule.get("nonResourceURLs"), rule
+        assert named or not rule.get("resourceNames"), rule
         for group in rule["apiGroups"]:
             for resource in rule["resources"]:
                 out.setdefault((group, resource), set()).update(rule["verbs"])
@@ -253,7 +302,7 @@ def grants(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
 
 
 def assert_least_privilege(role: dict[str, Any]) -> None:
-    for (group, resource), verbs in grants(role).items():
+    for (group, resource), verbs in grants(role, named=True).items():
         assert "*" not in (group, resource) and "*" not in verbs, f"wildcard in {role['metadata']['name']}"
         assert resource != "secrets", f"{role['metadata']['name']} may touch Secrets"
         assert resource not in ("pods/exec", "pods/attach", "pods/portforward", "pods/proxy"), resource
@@ -272,7 +321,7 @@ def test_rbac_is_least_privilege(helm: str, flags: list[str]) -> None:
 
 
 def test_cluster_wide_rbac_is_exactly_what_the_operator_uses(helm: str) -> None:
-    docs = render(helm)
+    docs = release_objects(render(helm))
     role = one(docs, "ClusterRole")
     assert grants(role) == OPERATOR_RULES | DISCOVERY_RULES
     binding = one(docs, "ClusterRoleBinding")
@@ -282,7 +331,7 @@ def test_cluster_wide_rbac_is_exactly_what_the_operator_uses(helm: str) -> None:
 
 
 def test_namespaced_rbac_grants_only_discovery_cluster_wide(helm: str) -> None:
-    docs = render(helm, "--set", "watchNamespaces={team-a,team-b}", "--set", "test.enabled=false")
+    docs = release_objects(render(helm, "--set", "watchNamespaces={team-a,team-b}", "--set", "test.enabled=false"))
     assert grants(one(docs, "ClusterRole")) == DISCOVERY_RULES
     roles = find(docs, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
@@ -387,11 +436,12 @@ def test_restricted_checker_catches_violations() -> None:
         assert expected in found
 
 
-def test_operator_and_test_pods_pass_restricted(helm: str) -> None:
+def test_operator_test_and_cleanup_pods_pass_restricted(helm: str) -> None:
     docs = render(helm)
     operator_pod = one(docs, "Deployment")["spec"]["template"]["spec"]
     assert restricted_violations(operator_pod) == []
     assert restricted_violations(one(docs, "Pod")["spec"]) == []
+    assert restricted_violations(one(docs, "Job")["spec"]["template"]["spec"]) == []
     container = operator_pod["containers"][0]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
@@ -456,6 +506,87 @@ def test_notes_tell_the_next_step(helm: str, tmp_path: Path) -> None:
     notes = one(render(helm, chart=chart), "ConfigMap", "notes")["data"]["notes"]
     for expected in ("kubectl apply", "kubectl get ftj", "finetune status", f"helm test {RELEASE}"):
         assert expected in notes
+    # How to uninstall, and what stays.
+    for expected in (f"helm uninstall {RELEASE}", "pre-delete hook", "kubectl delete crd finetunejobs.finetune.dev"):
+        assert expected in notes
+
+
+# ---- helm uninstall: the pre-delete cleanup hook ------------------------------------------------------------
+
+CLEANUP = f"{RELEASE}-finetune-operator-cleanup"
+
+
+def hook_weight(doc: dict[str, Any]) -> int:
+    return int(doc["metadata"]["annotations"].get("helm.sh/hook-weight", "0"))
+
+
+def test_cleanup_hook_runs_before_uninstall_and_removes_itself(helm: str) -> None:
+    docs = hooks(render(helm), "pre-delete")
+    job = one(docs, "Job")
+    for doc in docs:
+        policy = set(doc["metadata"]["annotations"]["helm.sh/hook-delete-policy"].split(","))
+        assert policy == {"before-hook-creation", "hook-succeeded"}, doc["metadata"]
+        if doc is not job:  # the account and its rights exist before the Job starts
+            assert hook_weight(doc) < hook_weight(job), doc["metadata"]
+    assert job["spec"]["activeDeadlineSeconds"] == 120 and job["spec"]["backoffLimit"] >= 1
+    pod = job["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == one(docs, "ServiceAccount")["metadata"]["name"] == CLEANUP
+    command = pod["containers"][0]["command"]
+    assert command[:2] == ["python", "-c"]
+    compile(command[2], "cleanup-hook", "exec")  # a syntax error would only show up at uninstall
+    assert '"finetune.dev/cleanup"' in command[2]
+
+
+def test_cleanup_hook_stops_exactly_this_operator(helm: str) -> None:
+    docs = render(helm)
+    deployment = one(release_objects(docs), "Deployment")
+    job = one(docs, "Job")
+    env = env_of(job["spec"]["template"]["spec"]["containers"][0])
+    assert env["OPERATOR_NAMESPACE"] == NAMESPACE and env["OPERATOR_DEPLOYMENT"] == deployment["metadata"]["name"]
+    selector = dict(kv.split("=", 1) for kv in str(env["OPERATOR_SELECTOR"]).split(","))
+
+    def selected(labels: dict[str, str]) -> bool:
+        return all(labels.get(k) == v for k, v in selector.items())
+
+    assert selected(deployment["spec"]["template"]["metadata"]["labels"])
+    assert not selected(job["spec"]["template"]["metadata"]["labels"])
+    # The hook pod is no operator pod for the Deployment's ReplicaSet either.
+    rs_selector = deployment["spec"]["selector"]["matchLabels"]
+    hook_labels = job["spec"]["template"]["metadata"]["labels"]
+    assert not all(hook_labels.get(k) == v for k, v in rs_selector.items())
+
+
+def test_cleanup_hook_rbac_is_minimal_cluster_wide(helm: str) -> None:
+    docs = hooks(render(helm), "pre-delete")
+    role = one(docs, "ClusterRole")
+    assert grants(role) == {("finetune.dev", "finetunejobs"): {"list", "patch"}}
+    stop = one(docs, "Role")
+    assert stop["metadata"]["namespace"] == NAMESPACE
+    assert grants(stop, named=True) == {("apps", "deployments/scale"): {"get", "patch"}, ("", "pods"): {"list"}}
+    (scale_rule,) = [r for r in stop["rules"] if "deployments/scale" in r["resources"]]
+    assert scale_rule["resourceNames"] == [f"{RELEASE}-finetune-operator"]
+    for binding in find(docs, "ClusterRoleBinding") + find(docs, "RoleBinding"):
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": CLEANUP, "namespace": NAMESPACE}]
+    assert one(docs, "ClusterRoleBinding")["roleRef"]["name"] == role["metadata"]["name"]
+    assert one(docs, "RoleBinding")["roleRef"]["name"] == stop["metadata"]["name"]
+
+
+def test_cleanup_hook_rbac_follows_watch_namespaces(helm: str) -> None:
+    docs = hooks(render(helm, "--set", "watchNamespaces={team-a,team-b}"), "pre-delete")
+    assert not find(docs, "ClusterRole") and not find(docs, "ClusterRoleBinding")
+    per_ns = [r for r in find(docs, "Role") if r["metadata"]["name"] == CLEANUP]
+    assert sorted(r["metadata"]["namespace"] for r in per_ns) == ["team-a", "team-b"]
+    for role in per_ns:
+        assert grants(role) == {("finetune.dev", "finetunejobs"): {"list", "patch"}}
+    env = env_of(one(docs, "Job")["spec"]["template"]["spec"]["containers"][0])
+    assert env["WATCH_NAMESPACES"] == "team-a,team-b"
+
+
+@pytest.mark.parametrize(
+    "flags", [["--set", "cleanupOnUninstall.enabled=false"], ["--set", "rbac.create=false"]], ids=["off", "no-rbac"]
+)
+def test_cleanup_hook_can_be_switched_off(helm: str, flags: list[str]) -> None:
+    assert hooks(render(helm, *flags), "pre-delete") == []
 
 
 # ---- manifests/operator.yaml and scripts/helm.sh ------------------------------------------------------------
@@ -493,6 +624,7 @@ def test_rendered_manifests_are_up_to_date(helm: str, scratch: Path) -> None:
         },
     }
     assert not find(docs, "Pod") and not find(docs, "CustomResourceDefinition")
+    assert not find(docs, "Job") and not [d for d in docs if hook_of(d)], "a kubectl install must not run hooks"
     assert {d["metadata"].get("namespace", "finetune-system") for d in docs} == {"finetune-system"}
     assert operator_config(docs) == OperatorConfig()
 

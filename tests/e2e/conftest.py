@@ -1,17 +1,19 @@
 """Fixtures for the e2e tier: a REAL single-node Kubernetes cluster (kubelet, containerd, kube-proxy)
-with the project's image loaded and an S3 server that pods reach.
+with the project's images loaded and an S3 server that pods reach.
 
 The ``cluster`` session fixture runs ``scripts/cluster.sh up`` (see docs/local-cluster.md) and
-``scripts/images/build.sh`` (pause + ``finetune-trainer:<version>``, imported into containerd), exports
-KUBECONFIG for the session and yields a :class:`Cluster`::
+``scripts/images/build.sh`` (pause + ``finetune-trainer:<version>`` + ``finetune-operator:<version>``,
+imported into containerd), exports KUBECONFIG for the session, puts the project's kubectl (v1.20.2,
+tests/kubectl.py) first on PATH and yields a :class:`Cluster`::
 
     def test_something(cluster):
         cluster.kubeconfig      # path; also in os.environ["KUBECONFIG"] during the session
         cluster.s3_endpoint     # S3 URL as PODS see it (http://198.18.100.1:9000 locally; this
                                 # machine reaches the same URL)
         cluster.s3_env          # AWS_* variables for a pod (endpoint, test credentials, region)
-        cluster.image           # the trainer/operator image, e.g. "finetune-trainer:0.1.0"
+        cluster.image           # the trainer image, e.g. "finetune-trainer:0.1.0"
                                 # (use imagePullPolicy: Never locally: nothing can be pulled)
+        cluster.operator_image  # the slim operator image, e.g. "finetune-operator:0.1.0"
         cluster.kubectl("get", "nodes")                 # CompletedProcess; check=True by default
         cluster.kubectl("apply", "-f", "-", input=yaml_text)
         cluster.wait_for_job(namespace, "my-job", timeout=300)  # fails with pod state + logs
@@ -31,7 +33,7 @@ Environment:
     KUBECONFIG                   if it points at another reachable cluster with a Ready node, that
                                  cluster is used as is (no local cluster, no image import, no teardown);
                                  FINETUNE_S3_ENDPOINT must then say where its pods reach S3, and
-                                 FINETUNE_TRAINER_IMAGE which image they run.
+                                 FINETUNE_TRAINER_IMAGE / FINETUNE_OPERATOR_IMAGE which images they run.
     FINETUNE_CLUSTER_STATE / FINETUNE_CACHE   see scripts/cluster.sh
 """
 
@@ -51,6 +53,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 
+from tests.kubectl import bin_dir, kubectl_path, use_project_kubectl
 from tests.script_runner import log_tails, run_script, tail
 
 if TYPE_CHECKING:
@@ -58,7 +61,7 @@ if TYPE_CHECKING:
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO_ROOT / "scripts"
-K8S_BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy")
+K8S_BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy", "kubectl")
 
 S3_REGION = "us-east-1"
 S3_ACCESS_KEY = "testing"  # moto accepts any credentials
@@ -81,15 +84,22 @@ def _state_dir() -> Path:
 
 def _cold() -> bool:
     """True when the first `up` + image build will need the long (uncached) builds."""
-    bins = _cache() / "k8s-1.20.2" / "bin"
-    if not all(os.access(bins / b, os.X_OK) for b in K8S_BINARIES):
+    if not all(os.access(bin_dir() / b, os.X_OK) for b in K8S_BINARIES):
         return True
-    return not any((_cache() / "images").glob("base-*/layer.tar"))
+    images = _cache() / "images"
+    return not any(images.glob("base-*/layer.tar")) or not any(images.glob("operator-base-*/layer.tar"))
+
+
+def _version() -> str:
+    return str(tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"])
 
 
 def _default_image() -> str:
-    version = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
-    return os.environ.get("FINETUNE_TRAINER_IMAGE", f"finetune-trainer:{version}")
+    return os.environ.get("FINETUNE_TRAINER_IMAGE", f"finetune-trainer:{_version()}")
+
+
+def _default_operator_image() -> str:
+    return os.environ.get("FINETUNE_OPERATOR_IMAGE", f"finetune-operator:{_version()}")
 
 
 def _exports(text: str) -> dict[str, str]:
@@ -103,6 +113,7 @@ class Cluster:
     kubeconfig: str
     s3_endpoint: str
     image: str
+    operator_image: str = ""
     local: bool = True
     kubectl_cache: str | None = field(default=None, repr=False)
 
@@ -121,7 +132,7 @@ class Cluster:
         self, *args: str, input: str | None = None, timeout: float = 120, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
         """Run kubectl against this cluster. With check=True a non-zero exit fails the test with its output."""
-        cmd = ["kubectl", "--kubeconfig", self.kubeconfig]
+        cmd = [kubectl_path(), "--kubeconfig", self.kubeconfig]
         if self.kubectl_cache:
             cmd.append(f"--cache-dir={self.kubectl_cache}")  # not ~/.kube/cache
         proc = subprocess.run([*cmd, *args], input=input, capture_output=True, text=True, timeout=timeout, check=False)
@@ -177,6 +188,15 @@ def cluster() -> Iterator[Cluster]:
     """Start (or reuse) the local single-node cluster with the project's image; see the module docstring."""
     state = _state_dir()
     ours = state / "kubeconfig"
+    use_project_kubectl()
+    if not all(os.access(bin_dir() / b, os.X_OK) for b in K8S_BINARIES):
+        # `cluster.sh up` builds what the cluster runs; this also adds kubectl to an older cache.
+        try:
+            build = run_script([str(SCRIPTS / "k8s-build.sh")], timeout=BUILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"scripts/k8s-build.sh did not finish within {BUILD_TIMEOUT_S}s", pytrace=False)
+        if build.returncode != 0:
+            pytest.fail(f"scripts/k8s-build.sh failed:\n{tail(build.stdout)}\n{tail(build.stderr)}", pytrace=False)
     already_running = run_script([str(SCRIPTS / "cluster.sh"), "status"], timeout=60).returncode == 0
 
     def fail_and_clean_up(message: str) -> NoReturn:
@@ -220,6 +240,7 @@ def cluster() -> Iterator[Cluster]:
             kubeconfig=kubeconfig,
             s3_endpoint=s3_endpoint,
             image=_default_image(),
+            operator_image=_default_operator_image(),
             local=local,
             kubectl_cache=str(state / "kubectl-cache") if local else None,
         )

@@ -3,19 +3,22 @@
 They prove what every other e2e test relies on: the project's image runs as a real container under
 the restrictive security context the operator uses (non-root uid 1000, all capabilities dropped,
 seccomp RuntimeDefault, read-only root filesystem, no service-account token), its Python environment
-imports, pods reach the S3 server (the same one this machine sees) and the apiserver through the
-`kubernetes` Service, and `kubectl logs` works.
+imports, the slim operator image holds the operator and none of the trainer's stack, pods reach the S3
+server (the same one this machine sees) and the apiserver through the `kubernetes` Service, `kubectl logs`
+works, and the tier runs the cluster's own kubectl.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import uuid
 from typing import Any
 
 import pytest
 
 from tests.e2e.conftest import Cluster
+from tests.kubectl import KUBECTL_VERSION, kubectl_path
 
 pytestmark = pytest.mark.e2e
 
@@ -146,3 +149,35 @@ def test_pod_reaches_apiserver_through_kubernetes_service(cluster: Cluster, e2e_
     assert result["host"] == service_ip.stdout.strip(), result
     if cluster.local:
         assert result["gitVersion"].startswith("v1.20."), result
+
+
+OPERATOR_IMAGE_PROGRAM = r"""
+import importlib.util, json, os, sys, time
+t0 = time.time()
+import finetune_operator.handlers, finetune_operator.__main__, kopf, kubernetes
+out = {"imports_s": round(time.time() - t0, 1), "uid": os.getuid(), "python": sys.executable}
+out["absent"] = {m: importlib.util.find_spec(m) is None
+                 for m in ("torch", "transformers", "datasets", "finetune_trainer", "finetune_cli")}
+out["heavy_loaded"] = sorted(m for m in ("torch", "transformers", "datasets", "numpy") if m in sys.modules)
+print("SMOKE-RESULT " + json.dumps(out), flush=True)
+"""
+
+
+def test_operator_image_is_slim_and_runs_the_operator(cluster: Cluster, e2e_namespace: str) -> None:
+    """The chart's operator image: the operator imports under the restricted context, and torch, transformers,
+    datasets and the trainer/CLI packages are not in it at all."""
+    assert cluster.operator_image and cluster.operator_image != cluster.image
+    job = _job("operator-image", cluster.operator_image, OPERATOR_IMAGE_PROGRAM, {}, restricted=True)
+    cluster.kubectl("-n", e2e_namespace, "apply", "-f", "-", input=json.dumps(job))
+    cluster.wait_for_job(e2e_namespace, "operator-image", timeout=180)
+    result = _result_from_logs(cluster, e2e_namespace, "operator-image")
+    assert result["absent"] == dict.fromkeys(result["absent"], True), result
+    assert result["heavy_loaded"] == [], result
+    assert (result["uid"], result["python"]) == (1000, "/opt/venv/bin/python"), result
+
+
+def test_tests_run_the_clusters_own_kubectl(cluster: Cluster) -> None:
+    """Every kubectl of this tier (and of the demo functions it calls) is the project's v1.20.2 build."""
+    assert shutil.which("kubectl") == kubectl_path()
+    client = json.loads(cluster.kubectl("version", "--client", "-o", "json").stdout)["clientVersion"]
+    assert client["gitVersion"] == KUBECTL_VERSION, client

@@ -1,7 +1,10 @@
 """FineTuneJobs end to end on the real cluster: the operator installed with Helm exactly as `finetune demo`
 installs it (finetune_cli.demo), S3 seeded with the tiny models and the sample data, then every CPU example
 trained to Succeeded, the GPU example left Pending, a killed trainer resumed, a malformed job failed, a deleted
-job cleaned up, `helm test` and `helm uninstall`.
+job cleaned up, `helm test` and `helm uninstall` (which strands no FineTuneJob and no namespace).
+
+The tier leaves the cluster as it found it: a release `make demo` installed before is put back afterwards with its
+own values (else the tier's release is removed), and every namespace the tier made is gone, none left Terminating.
 
 The CPU examples are all submitted first (module fixture) and waited on afterwards: the node runs two trainers
 at a time, so they queue without further help. Outputs go under a fresh prefix per session, because the trainer
@@ -11,6 +14,7 @@ resumes from whatever complete checkpoint lies under output.uri.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -38,6 +42,9 @@ GPU_POLICY = (
     "policy.limits.maxMemory=64Gi",
     "policy.limits.allowedMethods={full,lora,qlora}",
 )
+LEGACY_FINALIZER = "finetune.dev/cleanup"  # what operator versions up to 0.1.0 put on every FineTuneJob
+OPERATOR_DEPLOYMENT = f"deployment/{demo.RELEASE}-finetune-operator"
+CREATED_NAMESPACES: set[str] = set()
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------
@@ -57,8 +64,49 @@ def example(name: str, *, output: str | None = None, **hyperparameters: Any) -> 
 
 def fresh_namespace(cluster: Cluster, prefix: str) -> str:
     name = f"e2e-{prefix}-{uuid.uuid4().hex[:6]}"
+    CREATED_NAMESPACES.add(name)
     demo.prepare_namespace(target_of(cluster), name)
     return name
+
+
+def wait_namespaces_gone(cluster: Cluster, names: set[str], timeout: float) -> None:
+    """Fail, naming what holds them, unless all of `names` are deleted within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        items = json.loads(cluster.kubectl("get", "namespaces", "-o", "json").stdout)["items"]
+        left = {ns["metadata"]["name"]: ns["status"].get("phase") for ns in items if ns["metadata"]["name"] in names}
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            held = cluster.kubectl(
+                "get", "finetunejobs", "-A", "-o", "custom-columns=NS:.metadata.namespace,NAME:.metadata.name,"
+                "FINALIZERS:.metadata.finalizers,DELETED:.metadata.deletionTimestamp", check=False,
+            )  # fmt: skip
+            pytest.fail(f"namespaces not gone after {timeout:.0f}s: {left}\n{held.stdout}{held.stderr}")
+        time.sleep(1)
+
+
+def release_values(target: demo.Target) -> str | None:
+    """The values an installed operator release was given (YAML), or None when there is no release."""
+    proc = demo.helm(
+        target, "get", "values", demo.RELEASE, "-n", demo.OPERATOR_NAMESPACE, "-o", "yaml", check=False, timeout=60
+    )
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def put_back(target: demo.Target, previous: str | None) -> None:
+    """The operator release as it was before the tier: reinstalled with its own values, or absent."""
+    if previous is None:
+        if release_values(target) is not None:
+            demo.helm(target, "uninstall", demo.RELEASE, "-n", demo.OPERATOR_NAMESPACE, "--wait", timeout=240)
+        return
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="e2e-previous-values-") as values:
+        values.write(previous if previous.strip() not in ("", "null") else "{}\n")
+        values.flush()
+        demo.helm(
+            target, "upgrade", "--install", demo.RELEASE, str(demo.CHART), "-n", demo.OPERATOR_NAMESPACE,
+            "--create-namespace", "-f", values.name, "--wait", "--timeout", "180s", timeout=240,
+        )  # fmt: skip
 
 
 def apply(cluster: Cluster, namespace: str, job: dict[str, Any]) -> str:
@@ -129,12 +177,22 @@ def assert_succeeded(cluster: Cluster, namespace: str, job: dict[str, Any]) -> d
 
 
 @pytest.fixture(scope="module")
-def platform(cluster: Cluster) -> demo.Target:
-    """The operator (Helm, as the demo installs it) and S3 seeded with every tiny model and the sample data."""
+def platform(cluster: Cluster) -> Iterator[demo.Target]:
+    """The operator (Helm, as the demo installs it) and S3 seeded with every tiny model and the sample data.
+
+    Afterwards the cluster is as it was: the release put back as it was (see put_back), and every namespace this
+    module made deleted, none left Terminating."""
     target = target_of(cluster)
+    previous = release_values(target)  # e.g. the release of an earlier `make demo`
     demo.install_operator(target, extra_values=GPU_POLICY)
     demo.seed_storage(target, models=tuple(demo.MODELS))
-    return target
+    yield target
+    put_back(target, previous)
+    if previous is not None:
+        cluster.kubectl("-n", demo.OPERATOR_NAMESPACE, "rollout", "status", OPERATOR_DEPLOYMENT, "--timeout=120s")
+    for namespace in CREATED_NAMESPACES:
+        cluster.kubectl("delete", "namespace", namespace, "--wait=false", "--ignore-not-found", check=False)
+    wait_namespaces_gone(cluster, CREATED_NAMESPACES, timeout=240)
 
 
 @pytest.fixture(scope="module")
@@ -230,10 +288,42 @@ def test_helm_test_passes(cluster: Cluster, platform: demo.Target) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_helm_uninstall_leaves_only_the_crd(cluster: Cluster, platform: demo.Target) -> None:
-    demo.helm(platform, "uninstall", demo.RELEASE, "-n", demo.OPERATOR_NAMESPACE, "--wait", timeout=180)
+def test_helm_uninstall_leaves_only_the_crd_and_strands_nothing(cluster: Cluster, platform: demo.Target) -> None:
+    # One job the running operator handled, and one carrying the finalizer of an older operator version: added
+    # while the operator is stopped (a current operator drops a finalizer it no longer needs).
+    handled_ns = fresh_namespace(cluster, "uninstall-handled")
+    handled = example("02-gpt2-text-file.yaml")
+    handled["metadata"]["name"] = "handled"
+    handled["spec"]["model"]["uri"] = "ftp://nowhere/model/"  # fails validation at once: no pod to wait for
+    apply(cluster, handled_ns, handled)
+    wait_for(cluster, handled_ns, "handled", lambda s: s.get("phase") == "Failed", 60, "Failed")
+    cluster.kubectl("-n", demo.OPERATOR_NAMESPACE, "scale", OPERATOR_DEPLOYMENT, "--replicas=0")
+    deadline = time.monotonic() + 60
+    while cluster.kubectl(
+        "-n", demo.OPERATOR_NAMESPACE, "get", "pods", "-l", "app.kubernetes.io/component=operator", "-o", "name"
+    ).stdout.strip():  # fmt: skip
+        if time.monotonic() > deadline:
+            pytest.fail("the operator's pod is still there 60s after scaling it to 0")
+        time.sleep(1)
+    legacy_ns = fresh_namespace(cluster, "uninstall-legacy")
+    legacy = example("02-gpt2-text-file.yaml")
+    legacy["metadata"] |= {"name": "legacy", "finalizers": [LEGACY_FINALIZER]}
+    apply(cluster, legacy_ns, legacy)
+
+    demo.helm(platform, "uninstall", demo.RELEASE, "-n", demo.OPERATOR_NAMESPACE, "--wait", timeout=240)
+
+    # The jobs stay (they are the tenants'), without a finalizer nobody is left to remove.
+    for namespace, name in ((handled_ns, "handled"), (legacy_ns, "legacy")):
+        assert LEGACY_FINALIZER not in (get_job(cluster, namespace, name)["metadata"].get("finalizers") or [])
+    # Their namespaces delete, and so does a namespace with a job created after the uninstall.
+    later_ns = fresh_namespace(cluster, "uninstall-later")
+    apply(cluster, later_ns, example("02-gpt2-text-file.yaml"))
+    for namespace in (handled_ns, legacy_ns, later_ns):
+        cluster.kubectl("delete", "namespace", namespace, "--wait=false")
+    wait_namespaces_gone(cluster, {handled_ns, legacy_ns, later_ns}, timeout=120)
+
     selector = f"app.kubernetes.io/instance={demo.RELEASE}"
-    kinds = "deployments,replicasets,pods,services,configmaps,serviceaccounts,roles,rolebindings"
+    kinds = "deployments,replicasets,pods,jobs,services,configmaps,serviceaccounts,roles,rolebindings"
     deadline = time.monotonic() + 90
     while True:
         left = cluster.kubectl("get", kinds, "-A", "-l", selector, "-o", "name").stdout.split()

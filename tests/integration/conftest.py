@@ -28,11 +28,13 @@ from typing import Any
 
 import pytest
 
+from tests.kubectl import bin_dir, use_project_kubectl
 from tests.script_runner import log_tails, run_script, tail
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO_ROOT / "scripts"
-K8S_BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy")
+# kubectl too: every test runs the cluster's own version (tests/kubectl.py).
+K8S_BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy", "kubectl")
 
 # A cold build took ~7 min on 2 idle cores (longer when the CPU is shared); `up` with
 # cached binaries takes ~12 s.
@@ -41,8 +43,7 @@ UP_TIMEOUT_S = 300
 
 
 def _bin_dir() -> Path:
-    cache = os.environ.get("FINETUNE_CACHE") or str(Path.home() / ".cache" / "finetune")
-    return Path(cache) / "k8s-1.20.2" / "bin"
+    return bin_dir()
 
 
 def _state_dir() -> Path:
@@ -103,6 +104,7 @@ def control_plane() -> Iterator[ControlPlane]:
 
     previous = os.environ.get("KUBECONFIG")
     os.environ["KUBECONFIG"] = kubeconfig
+    use_project_kubectl()  # again: a test may have changed PATH since the session started
     try:
         yield ControlPlane(kubeconfig=kubeconfig, state_dir=str(_state_dir()))
     finally:

@@ -49,17 +49,22 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
+{{/* The trainer pods' default image (the operator itself runs the slim finetune-operator.image). */}}
+{{- define "finetune-operator.trainerImage" -}}
+{{- printf "%s:%s" .Values.trainerImage.repository (default .Chart.AppVersion .Values.trainerImage.tag) }}
+{{- end }}
+
 {{/*
 The operator's config file: .Values.policy with the two conveniences values.yaml documents resolved here, so
 the operator only ever sees values its config model accepts:
-  - defaults.image "" -> the operator's own image (one image runs operator and trainer);
+  - defaults.image "" -> the trainer image (trainerImage.repository:trainerImage.tag);
   - limits.maxCpu / limits.maxMemory "" -> null (no limit). Helm deletes keys set to null, which would bring
     back the operator's built-in limit instead of lifting it, so "" is the way to say "unlimited".
 */}}
 {{- define "finetune-operator.policy" -}}
 {{- $policy := deepCopy .Values.policy }}
 {{- if not $policy.defaults.image }}
-{{- $_ := set $policy.defaults "image" (include "finetune-operator.image" .) }}
+{{- $_ := set $policy.defaults "image" (include "finetune-operator.trainerImage" .) }}
 {{- end }}
 {{- $allLimits := list $policy.limits }}
 {{- range $tenant := values (default dict $policy.tenants) }}
