@@ -35,7 +35,7 @@ def child_name(job_name: str, suffix: str) -> str:
     if len(name) <= 52:
         return name
     digest = hashlib.sha256(job_name.encode()).hexdigest()[:8]
-    return f"{job_name[: 52 - len(suffix) - 10]}-{digest}-{suffix}"
+    return f"{job_name[: 52 - len(suffix) - 10].rstrip('-.')}-{digest}-{suffix}"
 
 
 def workload_name(job_name: str) -> str:
@@ -46,9 +46,21 @@ def config_name(job_name: str) -> str:
     return child_name(job_name, "config")
 
 
+def label_value(value: str) -> str:
+    """A label value (at most 63 characters): object names can be 253, so long ones keep a prefix and a hash.
+
+    Nothing is looked up by this label (the operator maps children by the UID label); it is for humans and
+    `kubectl get -l`, and stays unique per name.
+    """
+    if len(value) <= 63:
+        return value
+    digest = hashlib.sha256(value.encode()).hexdigest()[:10]
+    return f"{value[:52].rstrip('-_.')}-{digest}"
+
+
 def labels(meta: dict[str, Any], component: str) -> dict[str, str]:
     return {
-        LABEL_JOB: meta["name"],
+        LABEL_JOB: label_value(meta["name"]),
         LABEL_UID: meta.get("uid", ""),
         LABEL_COMPONENT: component,
         LABEL_MANAGED_BY: MANAGER,

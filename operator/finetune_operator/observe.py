@@ -1,33 +1,34 @@
 """Pure functions: status computed from what the operator observes (the batch Job, its pods, trainer reports).
 
-Status is always recomputed from observation rather than accumulated from events, so an operator restarted at
-any moment reaches the same status and never loses a transition. Only checkpoints and metrics, which come from
-trainer reports that may have scrolled out of the log tail, are merged with the previous status.
+Status is recomputed from observation rather than accumulated from events, so an operator restarted at any moment
+reaches the same status and never loses a transition. Only what comes from trainer reports (progress, metrics,
+checkpoints, output) is folded into the previous status, because a report is seen once in a log stream.
+Everything here works on the typed `FineTuneJobStatus`, never on dicts.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from finetune_api.reports import Report, ReportKind, parse_reports
-from finetune_api.status import ConditionType, Phase
+from finetune_api.status import (
+    CheckpointRecord,
+    Condition,
+    ConditionType,
+    FineTuneJobStatus,
+    OutputRecord,
+    Phase,
+    Progress,
+)
 
 _PODS_REMEMBERED = 32
 USER_ERROR_EXIT_CODE = 2  # the trainer's "your config or data is wrong": retrying cannot help
-_WAITING_PROBLEMS = {
-    "ErrImagePull",
-    "ImagePullBackOff",
-    "InvalidImageName",
-    "CreateContainerConfigError",
-    "CreateContainerError",
-    "CrashLoopBackOff",
-}
 
 
-@dataclass
+@dataclass(frozen=True)
 class PodView:
     """What matters about one trainer pod."""
 
@@ -40,13 +41,35 @@ class PodView:
     termination_message: str | None = None
     started_at: str | None = None
     finished_at: str | None = None
+    resource_version: str = ""
+
+    @property
+    def running(self) -> bool:
+        return self.phase == "Running"
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in ("Succeeded", "Failed")
+
+
+@dataclass(frozen=True)
+class JobView:
+    """What matters about the trainer's batch Job."""
+
+    name: str
+    active: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    complete: bool = False
+    failed_reason: str | None = None  # set when the Job's Failed condition is True
+    resource_version: str = ""
 
 
 @dataclass
 class Observation:
-    job: dict[str, Any] | None  # the batch Job, or None when it does not exist (yet, or any more)
+    job: JobView | None  # the batch Job, or None when it does not exist (yet, or any more)
     pods: list[PodView] = field(default_factory=list)  # oldest first
-    reports: list[Report] = field(default_factory=list)  # from the newest pod's log, in order
+    reports: list[Report] = field(default_factory=list)  # trainer reports not yet folded into status, in order
 
 
 def _ts(value: str | None) -> str | None:
@@ -54,31 +77,57 @@ def _ts(value: str | None) -> str | None:
     return value.replace("+00:00", "Z") if value else value
 
 
-def pod_view(pod: dict[str, Any]) -> PodView:
-    meta, status = pod.get("metadata", {}), pod.get("status", {}) or {}
-    view = PodView(
-        name=meta.get("name", ""),
-        created=meta.get("creationTimestamp") or "",
-        phase=status.get("phase") or "Pending",
-    )
+def pod_view(pod: Mapping[str, Any]) -> PodView:
+    meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+    reason = message = termination = started = finished = None
+    exit_code: int | None = None
     for cond in status.get("conditions") or []:
         if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
-            view.reason, view.message = cond.get("reason") or "Unschedulable", cond.get("message")
+            reason, message = cond.get("reason") or "Unschedulable", cond.get("message")
     for cs in status.get("containerStatuses") or []:
         state = cs.get("state") or {}
         if state.get("waiting"):
-            view.reason = state["waiting"].get("reason") or view.reason
-            view.message = state["waiting"].get("message") or view.message
+            reason = state["waiting"].get("reason") or reason
+            message = state["waiting"].get("message") or message
         if state.get("running"):
-            view.started_at = _ts(state["running"].get("startedAt"))
+            started = _ts(state["running"].get("startedAt"))
         term = state.get("terminated")
         if term:
-            view.exit_code = term.get("exitCode")
-            view.reason = term.get("reason")
-            view.termination_message = term.get("message")
-            view.started_at = _ts(term.get("startedAt"))
-            view.finished_at = _ts(term.get("finishedAt"))
-    return view
+            exit_code, reason, termination = term.get("exitCode"), term.get("reason"), term.get("message")
+            started, finished = _ts(term.get("startedAt")), _ts(term.get("finishedAt"))
+    return PodView(
+        name=meta.get("name", ""),
+        created=_ts(meta.get("creationTimestamp")) or "",
+        phase=status.get("phase") or "Pending",
+        reason=reason,
+        message=message,
+        exit_code=exit_code,
+        termination_message=termination,
+        started_at=started,
+        finished_at=finished,
+        resource_version=str(meta.get("resourceVersion") or ""),
+    )
+
+
+def job_view(job: Mapping[str, Any]) -> JobView:
+    meta, status = job.get("metadata") or {}, job.get("status") or {}
+    complete, failed_reason = False, None
+    for cond in status.get("conditions") or []:
+        if cond.get("status") != "True":
+            continue
+        if cond.get("type") == "Complete":
+            complete = True
+        elif cond.get("type") == "Failed":
+            failed_reason = cond.get("reason") or "Failed"
+    return JobView(
+        name=meta.get("name", ""),
+        active=int(status.get("active") or 0),
+        succeeded=int(status.get("succeeded") or 0),
+        failed=int(status.get("failed") or 0),
+        complete=complete,
+        failed_reason=failed_reason,
+        resource_version=str(meta.get("resourceVersion") or ""),
+    )
 
 
 def reports_from_text(text: str | None) -> list[Report]:
@@ -95,86 +144,79 @@ def reports_from_text(text: str | None) -> list[Report]:
 
 
 def set_condition(
-    conditions: list[dict[str, Any]],
-    ctype: str,
+    conditions: list[Condition],
+    ctype: ConditionType,
     status: str,
     reason: str,
     message: str,
     generation: int | None,
     now: str,
-) -> list[dict[str, Any]]:
+) -> list[Condition]:
     """Conditions with one set; lastTransitionTime moves only when the status value changes."""
-    out = [dict(c) for c in conditions if c.get("type") != ctype]
-    old = next((c for c in conditions if c.get("type") == ctype), None)
-    since = old["lastTransitionTime"] if old and old.get("status") == status else now
-    out.append(
-        {
-            "type": str(ctype),
-            "status": status,
-            "reason": reason,
-            "message": message,
-            "lastTransitionTime": since,
-            "observedGeneration": generation,
-        }
+    old = next((c for c in conditions if c.type == ctype), None)
+    since = old.last_transition_time if old is not None and old.status == status else now
+    new = Condition(
+        type=str(ctype),
+        status=status,
+        reason=reason,
+        message=message[:1024],
+        last_transition_time=since,
+        observed_generation=generation,
     )
+    out = [c for c in conditions if c.type != ctype] + [new]
     order = [c.value for c in ConditionType]
-    return sorted(out, key=lambda c: order.index(c["type"]) if c["type"] in order else len(order))
+    return sorted(out, key=lambda c: order.index(c.type) if c.type in order else len(order))
 
 
-def _job_condition(job: dict[str, Any] | None, ctype: str) -> dict[str, Any] | None:
-    for cond in ((job or {}).get("status") or {}).get("conditions") or []:
-        if cond.get("type") == ctype and cond.get("status") == "True":
-            return dict(cond)
-    return None
+def drop_condition(conditions: list[Condition], ctype: ConditionType) -> list[Condition]:
+    return [c for c in conditions if c.type != ctype]
 
 
-def fold_reports(status: dict[str, Any], reports: Iterable[Report], keep: int) -> dict[str, Any]:
+def fold_reports(status: FineTuneJobStatus, reports: Iterable[Report], keep: int) -> FineTuneJobStatus:
     """Merge trainer reports into status. Idempotent: folding the same reports twice changes nothing."""
-    status = dict(status)
-    progress = dict(status.get("progress") or {})
-    metrics = dict(status.get("metrics") or {})
-    checkpoints = {c["step"]: c for c in status.get("checkpoints") or []}
+    progress = (status.progress or Progress()).model_copy()
+    metrics = dict(status.metrics)
+    checkpoints = {c.step: c for c in status.checkpoints}
+    loss, output = status.loss, status.output
+    touched = status.progress is not None
     for r in sorted(reports, key=lambda r: r.seq):
         if r.kind == ReportKind.STAGE and r.stage:
-            progress["stage"] = r.stage
+            progress.stage, touched = r.stage, True
         elif r.kind == ReportKind.PROGRESS:
-            progress.update(
-                {
-                    k: v
-                    for k, v in {
-                        "step": r.step,
-                        "totalSteps": r.total_steps,
-                        "epoch": r.epoch,
-                        "etaSeconds": r.eta_seconds,
-                        "tokensPerSecond": r.tokens_per_second,
-                    }.items()
-                    if v is not None
-                }
-            )
-            progress["stage"] = "training"
-            progress["updatedAt"] = r.time
+            for attr, value in (
+                ("step", r.step),
+                ("total_steps", r.total_steps),
+                ("epoch", r.epoch),
+                ("eta_seconds", r.eta_seconds),
+                ("tokens_per_second", r.tokens_per_second),
+            ):
+                if value is not None:
+                    setattr(progress, attr, value)
+            progress.stage, progress.updated_at, touched = "training", r.time, True
             if r.loss is not None:
-                status["loss"] = round(r.loss, 4)
+                loss = round(r.loss, 4)
                 metrics["loss"] = r.loss
             if r.learning_rate is not None:
                 metrics["learning_rate"] = r.learning_rate
         elif r.kind == ReportKind.EVAL:
             metrics.update(r.metrics)
         elif r.kind == ReportKind.CHECKPOINT and r.step is not None and r.uri:
-            checkpoints[r.step] = {"step": r.step, "uri": r.uri, "metrics": dict(r.metrics)}
+            checkpoints[r.step] = CheckpointRecord(step=r.step, uri=r.uri, metrics=dict(r.metrics))
         elif r.kind == ReportKind.OUTPUT and r.uri:
-            status["output"] = {"uri": r.uri, **({"manifest": r.manifest} if r.manifest else {})}
+            output = OutputRecord(uri=r.uri, manifest=r.manifest)
             metrics.update(r.metrics)
-    step, total = progress.get("step"), progress.get("totalSteps")
-    if step is not None and total:
-        pct = min(100.0, round(100.0 * step / total, 1))
-        progress["percent"] = pct
-        progress["summary"] = f"{pct:g}% ({step}/{total})"
-    if progress:
-        status["progress"] = progress
-    status["metrics"] = metrics
-    status["checkpoints"] = [checkpoints[s] for s in sorted(checkpoints)][-keep:]
-    return status
+    if progress.total_steps:
+        progress.percent = min(100.0, round(100.0 * progress.step / progress.total_steps, 1))
+        progress.summary = f"{progress.percent:g}% ({progress.step}/{progress.total_steps})"
+    return status.model_copy(
+        update={
+            "progress": progress if touched else None,
+            "metrics": metrics,
+            "loss": loss,
+            "output": output,
+            "checkpoints": [checkpoints[s] for s in sorted(checkpoints)][-keep:],
+        }
+    )
 
 
 def _last_error(reports: list[Report], pod: PodView | None) -> tuple[str, str]:
@@ -191,102 +233,86 @@ def _last_error(reports: list[Report], pod: PodView | None) -> tuple[str, str]:
     return "TrainerFailed", "the trainer failed"
 
 
+def _attempts(prev: FineTuneJobStatus, obs: Observation) -> tuple[int, list[str]]:
+    """Every trainer pod ever seen counts, not only those that exist now: a force-deleted pod vanishes without the
+    Job controller counting it as failed, yet it was an attempt."""
+    seen = list(prev.trainer_pods)
+    fresh = [p.name for p in obs.pods if p.name not in seen]
+    job = obs.job
+    counted = (job.failed + job.succeeded + job.active) if job is not None else 0
+    attempts = max(prev.attempts + len(fresh), len(obs.pods), counted)
+    return attempts, (seen + fresh)[-_PODS_REMEMBERED:]
+
+
 def compute_status(
-    prev: dict[str, Any],
+    prev: FineTuneJobStatus,
     obs: Observation,
     *,
     generation: int | None,
-    suspended: bool,
     backoff_limit: int,
     keep_checkpoints: int,
     now: str,
-) -> dict[str, Any]:
-    """The next status of a validated job whose workload was created."""
+) -> FineTuneJobStatus:
+    """The next status of a validated, unsuspended job whose workload exists."""
     status = fold_reports(prev, obs.reports, keep_checkpoints)
     for pod in obs.pods:  # the termination message outlives a rotated log
         status = fold_reports(status, reports_from_text(pod.termination_message), keep_checkpoints)
-    conds = list(status.get("conditions") or [])
     pods, job = obs.pods, obs.job
     latest = pods[-1] if pods else None
-    job_status = (job or {}).get("status") or {}
-    # Count every trainer pod ever seen, not the ones that exist now: a force-deleted pod vanishes without the
-    # Job controller counting it as failed, yet it was an attempt.
-    seen = list(prev.get("trainerPods") or [])
-    fresh = [p.name for p in pods if p.name not in seen]
-    attempts = max(
-        int(prev.get("attempts") or 0) + len(fresh),
-        len(pods),
-        int(job_status.get("failed") or 0) + int(job_status.get("succeeded") or 0) + int(job_status.get("active") or 0),
-    )
-    status["trainerPods"] = (seen + fresh)[-_PODS_REMEMBERED:]
-    status["attempts"] = attempts
+    attempts, trainer_pods = _attempts(prev, obs)
     started = [p.started_at for p in pods if p.started_at]
-    if started and not status.get("startTime"):
-        status["startTime"] = min(started)
-
+    start_time = status.start_time or (min(started) if started else None)
     user_error = next((p for p in pods if p.exit_code == USER_ERROR_EXIT_CODE), None)
-    complete, failed = _job_condition(job, "Complete"), _job_condition(job, "Failed")
-    prev_phase = prev.get("phase")
 
-    if prev_phase in (Phase.SUCCEEDED, Phase.FAILED):
-        phase, reason, message = prev_phase, prev.get("reason") or "", prev.get("message") or ""
-    elif complete is not None:
+    phase: Phase
+    if prev.phase in (Phase.SUCCEEDED, Phase.FAILED):
+        phase, reason, message = Phase(prev.phase), prev.reason or "", prev.message or ""
+    elif job is not None and job.complete:
         phase, reason = Phase.SUCCEEDED, "Completed"
-        out = (status.get("output") or {}).get("uri")
-        message = f"model uploaded to {out}" if out else "the trainer completed"
+        message = f"model uploaded to {status.output.uri}" if status.output else "the trainer completed"
     elif user_error is not None:
         phase = Phase.FAILED
         reason, message = _last_error(obs.reports if user_error is latest else [], user_error)
-    elif failed is not None:
+    elif job is not None and job.failed_reason is not None:
         phase = Phase.FAILED
-        if failed.get("reason") == "DeadlineExceeded":
-            reason, message = (
-                "DeadlineExceeded",
-                "runPolicy.activeDeadlineSeconds reached; the trainer was stopped",
-            )
+        if job.failed_reason == "DeadlineExceeded":
+            reason, message = "DeadlineExceeded", "runPolicy.activeDeadlineSeconds reached; the trainer was stopped"
         else:
             reason, message = _last_error(obs.reports, latest)
             message = f"{message} (gave up after {attempts} attempts; runPolicy.backoffLimit={backoff_limit})"
-    elif suspended:
-        phase, reason, message = (
-            Phase.SUSPENDED,
-            "Suspended",
-            "runPolicy.suspend is true; no trainer pod runs",
-        )
-    elif latest is not None and latest.phase == "Running":
+    elif latest is not None and latest.running:
         phase, reason = Phase.RUNNING, "Training"
-        stage = (status.get("progress") or {}).get("stage")
+        stage = status.progress.stage if status.progress else None
         message = f"attempt {attempts}: {stage or 'starting'}"
     else:
         phase = Phase.PENDING
-        if latest is not None and latest.reason:
+        if latest is not None and latest.phase == "Failed":
+            reason, message = "Retrying", f"attempt {attempts} failed; a new pod resumes from the last checkpoint"
+        elif latest is not None and latest.reason:
             reason, message = latest.reason, latest.message or latest.reason
-            if latest.phase == "Failed":
-                reason, message = (
-                    "Retrying",
-                    f"attempt {attempts} failed; a new pod resumes from the last checkpoint",
-                )
         else:
             reason, message = "WaitingForPod", "waiting for the trainer pod to start"
 
-    status.update({"phase": phase.value if isinstance(phase, Phase) else phase, "reason": reason, "message": message})
-    if phase in (Phase.SUCCEEDED, Phase.FAILED) and not status.get("completionTime"):
-        status["completionTime"] = now
-    running = "True" if phase == Phase.RUNNING else "False"
-    conds = set_condition(conds, ConditionType.RUNNING, running, reason, message, generation, now)
+    conds = status.conditions
     conds = set_condition(
-        conds,
-        ConditionType.SUSPENDED,
-        "True" if phase == Phase.SUSPENDED else "False",
-        reason,
-        message,
-        generation,
-        now,
+        conds, ConditionType.RUNNING, "True" if phase == Phase.RUNNING else "False", reason, message, generation, now
     )
+    conds = set_condition(conds, ConditionType.SUSPENDED, "False", reason, message, generation, now)
     if phase == Phase.SUCCEEDED:
         conds = set_condition(conds, ConditionType.SUCCEEDED, "True", reason, message, generation, now)
     if phase == Phase.FAILED:
         conds = set_condition(conds, ConditionType.FAILED, "True", reason, message, generation, now)
-    status["conditions"] = conds
-    status["observedGeneration"] = generation
-    return status
+    terminal = phase in (Phase.SUCCEEDED, Phase.FAILED)
+    return status.model_copy(
+        update={
+            "phase": phase.value,
+            "reason": reason,
+            "message": message[:4096],
+            "attempts": attempts,
+            "trainer_pods": trainer_pods,
+            "start_time": start_time,
+            "completion_time": (status.completion_time or now) if terminal else None,
+            "conditions": conds,
+            "observed_generation": generation,
+        }
+    )

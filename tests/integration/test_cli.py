@@ -208,6 +208,7 @@ def test_logs_render_the_newest_trainer_pods_reports(cli: Cli, kubelet_logs: Fak
     progress = Report(seq=2, kind=ReportKind.PROGRESS, time="2026-01-01T10:00:00Z", step=5, total_steps=10, loss=1.5)
     kubelet_logs.logs[(cli.ns, "logged-trainer-aaaaa")] = "first attempt\n"
     kubelet_logs.logs[(cli.ns, "logged-trainer-bbbbb")] = f"starting\n{format_report(progress)}\n"
+    kubelet_logs.close_log(cli.ns, "logged-trainer-bbbbb")  # the container ended: `logs -f` reaches the end
     for flags in ((), ("-f",)):
         code, out = cli("logs", "logged", *flags)
         assert code == 0, out

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from finetune_api.reports import MARKER, Report, ReportKind, format_report
-from finetune_api.status import FineTuneJob
+from finetune_api.status import ConditionType, FineTuneJob, FineTuneJobStatus
 from finetune_cli import artifacts, local, render
 from finetune_cli.kube import CliError
 from finetune_cli.main import main
@@ -55,21 +55,26 @@ def running_status() -> dict[str, Any]:
         report(4, ReportKind.CHECKPOINT, step=40, uri="s3://finetune-demo/outputs/x/checkpoints/step-40/",
                metrics={"eval_loss": 2.5}),
     ]  # fmt: skip
-    status = fold_reports({}, reports, keep=2)
-    conds = set_condition([], "Validated", "True", "Valid", "spec is valid", 1, "2026-01-02T11:00:01Z")
-    conds = set_condition(conds, "Running", "True", "Training", "attempt 1: training", 1, "2026-01-02T11:01:00Z")
-    status.update(
-        phase="Running", reason="Training", message="attempt 1: training", conditions=conds, attempts=1,
-        workload="gpt2-text-lines-trainer", observedGeneration=1, startTime="2026-01-02T11:01:00Z",
-    )  # fmt: skip
-    return status
+    status = fold_reports(FineTuneJobStatus(), reports, keep=2)
+    conds = set_condition([], ConditionType.VALIDATED, "True", "Valid", "spec is valid", 1, "2026-01-02T11:00:01Z")
+    conds = set_condition(
+        conds, ConditionType.RUNNING, "True", "Training", "attempt 1: training", 1, "2026-01-02T11:01:00Z"
+    )
+    return status.model_copy(
+        update=dict(
+            phase="Running", reason="Training", message="attempt 1: training", conditions=conds, attempts=1,
+            workload="gpt2-text-lines-trainer", observed_generation=1, start_time="2026-01-02T11:01:00Z",
+        )
+    ).dump()  # fmt: skip
 
 
 def failed_status() -> dict[str, Any]:
     message = "spec.model.uri: 'ftp://x/y' must start with one of file://, hf://, s3://"
-    conds = set_condition([], "Validated", "False", "InvalidURI", message, 1, "2026-01-02T11:00:01Z")
-    conds = set_condition(conds, "Failed", "True", "InvalidURI", message, 1, "2026-01-02T11:00:01Z")
-    return {"phase": "Failed", "reason": "InvalidURI", "message": message, "conditions": conds, "observedGeneration": 1}
+    conds = set_condition([], ConditionType.VALIDATED, "False", "InvalidURI", message, 1, "2026-01-02T11:00:01Z")
+    conds = set_condition(conds, ConditionType.FAILED, "True", "InvalidURI", message, 1, "2026-01-02T11:00:01Z")
+    return FineTuneJobStatus(
+        phase="Failed", reason="InvalidURI", message=message, conditions=conds, observed_generation=1
+    ).dump()
 
 
 # ---- validate and run (no cluster) --------------------------------------------------------------------------
@@ -322,10 +327,12 @@ def test_durations(seconds: float | None, text: str) -> None:
 def succeeded_job(bucket: str) -> dict[str, Any]:
     out = f"s3://{bucket}/outputs/gpt2-text-lines"
     status = fold_reports(
-        {}, [report(9, ReportKind.OUTPUT, uri=out, manifest=f"{out}/manifest.json", metrics={"eval_loss": 1.25})], 2
+        FineTuneJobStatus(),
+        [report(9, ReportKind.OUTPUT, uri=out, manifest=f"{out}/manifest.json", metrics={"eval_loss": 1.25})],
+        2,
     )
-    status.update(phase="Succeeded", reason="Completed", message=f"model uploaded to {out}")
-    job = job_from_example("02-gpt2-text-file.yaml", status)
+    status = status.model_copy(update=dict(phase="Succeeded", reason="Completed", message=f"model uploaded to {out}"))
+    job = job_from_example("02-gpt2-text-file.yaml", status.dump())
     job["spec"]["output"]["uri"] = out
     return job
 

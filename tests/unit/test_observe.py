@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from finetune_api.reports import Report, ReportKind, format_report
-from finetune_operator.observe import Observation, compute_status, fold_reports, pod_view, set_condition
+from finetune_api.status import ConditionType, FineTuneJobStatus
+from finetune_operator.observe import Observation, compute_status, fold_reports, job_view, pod_view, set_condition
 
 NOW = "2026-01-01T00:00:10Z"
 
@@ -17,24 +18,18 @@ def pod(name: str, phase: str, **state: Any) -> dict[str, Any]:
     }
 
 
-def job(**status: Any) -> dict[str, Any]:
-    return {"metadata": {"name": "j-trainer"}, "status": status}
+def job(**status: Any) -> Any:
+    return job_view({"metadata": {"name": "j-trainer"}, "status": status})
 
 
 def rep(seq: int, kind: ReportKind, **kw: Any) -> Report:
     return Report(seq=seq, kind=kind, time=NOW, **kw)
 
 
-def status_of(obs: Observation, prev: dict[str, Any] | None = None, suspended: bool = False) -> dict[str, Any]:
-    return compute_status(
-        prev or {"phase": "Pending"},
-        obs,
-        generation=1,
-        suspended=suspended,
-        backoff_limit=3,
-        keep_checkpoints=2,
-        now=NOW,
-    )
+def status_of(obs: Observation, prev: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The typed computation, shown as the dict the API server stores (camelCase, unset fields left out)."""
+    before = FineTuneJobStatus.model_validate(prev or {"phase": "Pending"})
+    return compute_status(before, obs, generation=1, backoff_limit=3, keep_checkpoints=2, now=NOW).dump()
 
 
 def test_pending_explains_why() -> None:
@@ -100,10 +95,9 @@ def test_retry_then_backoff_limit() -> None:
     assert s["phase"] == "Failed" and s["attempts"] == 4 and "backoffLimit=3" in s["message"]
 
 
-def test_deadline_and_suspend() -> None:
+def test_deadline() -> None:
     dl = job(failed=1, conditions=[{"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}])
     assert status_of(Observation(job=dl))["reason"] == "DeadlineExceeded"
-    assert status_of(Observation(job=job()), suspended=True)["phase"] == "Suspended"
 
 
 def test_terminal_phase_is_sticky() -> None:
@@ -114,17 +108,18 @@ def test_terminal_phase_is_sticky() -> None:
 
 def test_fold_is_idempotent_and_keeps_last_checkpoints() -> None:
     reports = [rep(i, ReportKind.CHECKPOINT, step=i * 10, uri=f"s3://o/c-{i * 10}/") for i in range(1, 5)]
-    once = fold_reports({}, reports, keep=2)
+    once = fold_reports(FineTuneJobStatus(), reports, keep=2)
     twice = fold_reports(once, reports, keep=2)
     assert once == twice
-    assert [c["step"] for c in once["checkpoints"]] == [30, 40]
+    assert [c.step for c in once.checkpoints] == [30, 40]
 
 
 def test_condition_transition_time_only_moves_on_change() -> None:
-    c1 = set_condition([], "Running", "True", "Training", "m", 1, "t1")
-    c2 = set_condition(c1, "Running", "True", "Training", "m2", 1, "t2")
-    c3 = set_condition(c2, "Running", "False", "Completed", "m3", 1, "t3")
-    assert c2[0]["lastTransitionTime"] == "t1" and c3[0]["lastTransitionTime"] == "t3"
+    running = ConditionType.RUNNING
+    c1 = set_condition([], running, "True", "Training", "m", 1, "t1")
+    c2 = set_condition(c1, running, "True", "Training", "m2", 1, "t2")
+    c3 = set_condition(c2, running, "False", "Completed", "m3", 1, "t3")
+    assert c2[0].last_transition_time == "t1" and c3[0].last_transition_time == "t3"
 
 
 def test_a_vanished_pod_still_counts_as_an_attempt() -> None:

@@ -1,0 +1,247 @@
+"""The one level-based decision: (spec, status, observation) -> (new status, actions).
+
+Pure: no API calls, no clock reads, no globals. The controller observes, calls `decide`, applies the actions and
+writes the status; when the API server refuses an action, `rejected` turns that into the job's verdict. Because the
+decision depends only on what is observed now (never on which event woke it up), an operator restarted at any
+moment reaches the same status, and replaying a decision is harmless.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from finetune_api.spec import API_GROUP, API_VERSION, KIND, FineTuneJobSpec
+from finetune_api.status import ConditionType, FineTuneJobStatus, Phase
+from finetune_operator import builders
+from finetune_operator.observe import Observation, compute_status, drop_condition, set_condition
+from finetune_operator.validation import ValidationResult
+
+TERMINAL = frozenset({Phase.SUCCEEDED.value, Phase.FAILED.value})
+# The whole spec must fit, resolved, in the trainer's ConfigMap (1 MiB) and in one etcd object with its status.
+MAX_SPEC_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True)
+class JobRef:
+    namespace: str
+    name: str
+    uid: str
+    generation: int | None
+
+    def meta(self) -> dict[str, Any]:
+        return {"name": self.name, "namespace": self.namespace, "uid": self.uid, "generation": self.generation}
+
+
+@dataclass(frozen=True)
+class CreateWorkload:
+    """Create the ConfigMap and the batch Job (both adopted); an existing one of the same name is kept."""
+
+    config_map: dict[str, Any]
+    job: dict[str, Any]
+    event_reason: str
+    event_message: str
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    """Replace the ConfigMap's data: the spec changed while the Job exists, so the next attempt uses the new one."""
+
+    config_map: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class DeleteWorkload:
+    name: str
+
+
+@dataclass(frozen=True)
+class StopWorkload:
+    """parallelism 0: no further attempt, but the Job and its pods (and their logs) stay for inspection."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class PostEvent:
+    type: str  # Normal or Warning
+    reason: str
+    message: str
+
+
+Action = CreateWorkload | SyncConfig | DeleteWorkload | StopWorkload | PostEvent
+
+
+@dataclass
+class Decision:
+    status: FineTuneJobStatus
+    actions: list[Action] = field(default_factory=list)
+    requeue_after: float | None = None  # seconds until the decision may change without any event (TTL)
+
+
+def adopt(manifest: dict[str, Any], ref: JobRef) -> dict[str, Any]:
+    """The child with its controller owner reference: deleting the FineTuneJob deletes it (garbage collector)."""
+    owner = {
+        "apiVersion": f"{API_GROUP}/{API_VERSION}",
+        "kind": KIND,
+        "name": ref.name,
+        "uid": ref.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+    return {**manifest, "metadata": {**manifest["metadata"], "ownerReferences": [owner]}}
+
+
+def _stamp(now: dt.datetime) -> str:
+    return now.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse(ts: str) -> dt.datetime:
+    return dt.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+
+
+def spec_size_problem(raw_spec: dict[str, Any]) -> str | None:
+    size = len(json.dumps(raw_spec, separators=(",", ":")).encode())
+    if size > MAX_SPEC_BYTES:
+        return (
+            f"the spec is {size // 1024} KiB; at most {MAX_SPEC_BYTES // 1024} KiB is accepted (store long "
+            "evaluation.samplePrompts or templates in the dataset instead)"
+        )
+    return None
+
+
+def fail(
+    status: FineTuneJobStatus, generation: int | None, reason: str, message: str, now: str, *, validated: bool
+) -> Decision:
+    """The Failed verdict with its Warning event (posted once per distinct reason and message)."""
+    conds = status.conditions
+    if not validated:
+        conds = set_condition(conds, ConditionType.VALIDATED, "False", reason, message, generation, now)
+    conds = set_condition(conds, ConditionType.RUNNING, "False", reason, message, generation, now)
+    conds = set_condition(conds, ConditionType.FAILED, "True", reason, message, generation, now)
+    new = status.model_copy(
+        update={
+            "phase": Phase.FAILED.value,
+            "reason": reason,
+            "message": message[:4096],
+            "conditions": conds,
+            "observed_generation": generation,
+            "completion_time": status.completion_time or now,
+        }
+    )
+    actions: list[Action] = []
+    if status.phase != Phase.FAILED or status.reason != reason or status.message != new.message:
+        actions.append(PostEvent("Warning", reason, message))
+    return Decision(new, actions)
+
+
+def rejected(status: FineTuneJobStatus, ref: JobRef, what: str, api_message: str, now: dt.datetime) -> Decision:
+    """The API server refused to store a child (a value too long, an object too large, an invalid key)."""
+    message = f"the API server refused the trainer's {what}: {api_message}"
+    decision = fail(status, ref.generation, "WorkloadRejected", message, _stamp(now), validated=True)
+    decision.status = decision.status.model_copy(update={"workload": None})
+    return decision
+
+
+def _finished(
+    ref: JobRef, spec: dict[str, Any], status: FineTuneJobStatus, obs: Observation, now: dt.datetime
+) -> Decision:
+    """A finished job only waits for runPolicy.ttlSecondsAfterFinished to delete its Job."""
+    ttl = (spec.get("runPolicy") or {}).get("ttlSecondsAfterFinished")
+    if ttl is None or not status.completion_time or obs.job is None:
+        return Decision(status)
+    left = (_parse(status.completion_time) - now).total_seconds() + int(ttl)
+    if left > 0:
+        return Decision(status, requeue_after=left)
+    return Decision(status, [DeleteWorkload(obs.job.name)])
+
+
+def decide(
+    ref: JobRef,
+    raw_spec: dict[str, Any],
+    status: FineTuneJobStatus,
+    obs: Observation,
+    validation: ValidationResult,
+    *,
+    image_pull_policy: str,
+    now: dt.datetime,
+) -> Decision:
+    """The next status and the actions that make the world match the spec."""
+    stamp, gen = _stamp(now), ref.generation
+    if status.phase in TERMINAL and (status.workload or status.observed_generation == gen):
+        # Finished jobs stay finished; a spec edit only revives a job that failed before it had a workload.
+        return _finished(ref, raw_spec, status, obs, now)
+    if not validation.ok or validation.spec is None:
+        return fail(status, gen, validation.reason, validation.message, stamp, validated=False)
+    spec: FineTuneJobSpec = validation.spec
+    conds = set_condition(status.conditions, ConditionType.VALIDATED, "True", "Valid", "spec is valid", gen, stamp)
+    conds = drop_condition(conds, ConditionType.FAILED)  # a job that failed validation and was fixed starts over
+    workload = builders.workload_name(ref.name)
+    actions: list[Action] = []
+
+    if spec.run_policy.suspend:
+        if obs.job is not None:
+            actions.append(DeleteWorkload(obs.job.name))
+        if status.phase != Phase.SUSPENDED:
+            actions.append(
+                PostEvent("Normal", "Suspended", "trainer stopped; unsuspend to resume from the last checkpoint")
+            )
+        message = "runPolicy.suspend is true; no trainer pod runs"
+        conds = set_condition(conds, ConditionType.RUNNING, "False", "Suspended", message, gen, stamp)
+        conds = set_condition(conds, ConditionType.SUSPENDED, "True", "Suspended", message, gen, stamp)
+        new = status.model_copy(
+            update={
+                "phase": Phase.SUSPENDED.value,
+                "reason": "Suspended",
+                "message": message,
+                "conditions": conds,
+                "observed_generation": gen,
+                "workload": workload,
+                "completion_time": None,
+            }
+        )
+        return Decision(new, actions)
+
+    config_map = adopt(builders.build_config_map(ref.meta(), spec), ref)
+    if obs.job is None:
+        # No Job: a new or unsuspended job, a revived one, or one whose Job was deleted by hand (the trainer resumes).
+        recreated = status.workload is not None and status.phase in (Phase.PENDING, Phase.RUNNING)
+        reason = "WorkloadRecreated" if recreated else "WorkloadCreated"
+        message = f"Job {workload} was missing; recreated it" if recreated else f"created Job {workload}"
+        actions.append(
+            CreateWorkload(
+                config_map, adopt(builders.build_workload(ref.meta(), spec, image_pull_policy), ref), reason, message
+            )
+        )
+        conds = set_condition(conds, ConditionType.WORKLOAD_CREATED, "True", "Created", f"Job {workload}", gen, stamp)
+        conds = set_condition(conds, ConditionType.SUSPENDED, "False", "Created", message, gen, stamp)
+        update: dict[str, Any] = {"conditions": conds, "observed_generation": gen, "workload": workload}
+        if status.phase in (None, Phase.FAILED, Phase.SUSPENDED):
+            update.update({"phase": Phase.PENDING.value, "reason": reason, "message": message, "completion_time": None})
+        return Decision(status.model_copy(update=update), actions)
+
+    if status.observed_generation != gen:
+        actions.append(SyncConfig(config_map))
+    conds = set_condition(conds, ConditionType.WORKLOAD_CREATED, "True", "Created", f"Job {workload}", gen, stamp)
+    new = compute_status(
+        status.model_copy(update={"conditions": conds, "workload": workload}),
+        obs,
+        generation=gen,
+        backoff_limit=spec.run_policy.backoff_limit,
+        keep_checkpoints=spec.checkpoints.keep,
+        now=stamp,
+    )
+    if new.phase != status.phase:
+        if new.phase == Phase.FAILED:
+            actions += [StopWorkload(obs.job.name), PostEvent("Warning", new.reason or "Failed", new.message or "")]
+        elif new.phase == Phase.SUCCEEDED:
+            actions.append(PostEvent("Normal", "Succeeded", new.message or ""))
+        elif new.phase == Phase.RUNNING:
+            actions.append(PostEvent("Normal", "TrainerStarted", f"attempt {new.attempts} is running"))
+    decision = Decision(new, actions)
+    if new.phase in TERMINAL:
+        ttl = _finished(ref, raw_spec, new, obs, now)
+        decision.requeue_after = ttl.requeue_after or (0.5 if ttl.actions else None)
+    return decision

@@ -1,0 +1,194 @@
+"""The one decision function: (spec, status, observation) -> (status, actions), for every lifecycle step."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import re
+from typing import Any
+
+from finetune_api.reports import Report, ReportKind, format_report
+from finetune_api.status import FineTuneJobStatus
+from finetune_operator import builders
+from finetune_operator.config import OperatorConfig
+from finetune_operator.observe import Observation, job_view, pod_view
+from finetune_operator.reconcile import (
+    MAX_SPEC_BYTES,
+    CreateWorkload,
+    Decision,
+    DeleteWorkload,
+    JobRef,
+    PostEvent,
+    StopWorkload,
+    SyncConfig,
+    decide,
+    rejected,
+    spec_size_problem,
+)
+from finetune_operator.validation import validate_spec
+
+NOW = dt.datetime(2026, 1, 1, 0, 1, 0, tzinfo=dt.UTC)
+REF = JobRef("team-a", "qa", "uid-1", 1)
+SPEC: dict[str, Any] = {
+    "model": {"uri": "s3://models/tiny-gpt2/"},
+    "task": "instruction",
+    "dataset": {
+        "train": "s3://data/qa.jsonl",
+        "template": {"prompt": "### Question:\n{question}\n### Answer:\n", "response": "{answer}"},
+    },
+    "method": {"type": "lora"},
+    "output": {"uri": "s3://out/job/"},
+    "runPolicy": {"backoffLimit": 2},
+}
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+
+def run(
+    spec: dict[str, Any] = SPEC,
+    status: dict[str, Any] | None = None,
+    obs: Observation | None = None,
+    ref: JobRef = REF,
+    now: dt.datetime = NOW,
+) -> Decision:
+    validation = validate_spec(copy.deepcopy(spec), OperatorConfig())
+    return decide(
+        ref,
+        spec,
+        FineTuneJobStatus.model_validate(status or {}),
+        obs or Observation(job=None),
+        validation,
+        image_pull_policy="IfNotPresent",
+        now=now,
+    )
+
+
+def job(**status: Any) -> Any:
+    return job_view({"metadata": {"name": "qa-trainer"}, "status": status})
+
+
+def pod(name: str, phase: str, **state: Any) -> Any:
+    return pod_view(
+        {
+            "metadata": {"name": name, "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "status": {"phase": phase, "containerStatuses": [{"name": "trainer", "state": state}]},
+        }
+    )
+
+
+def events(d: Decision) -> list[tuple[str, str]]:
+    return [(a.type, a.reason) for a in d.actions if isinstance(a, PostEvent)]
+
+
+def test_a_new_valid_job_gets_its_adopted_workload_and_pending() -> None:
+    d = run()
+    create = next(a for a in d.actions if isinstance(a, CreateWorkload))
+    for child in (create.config_map, create.job):
+        owner = child["metadata"]["ownerReferences"][0]
+        assert (owner["kind"], owner["uid"], owner["controller"]) == ("FineTuneJob", "uid-1", True)
+    assert create.job["metadata"]["name"] == "qa-trainer" and create.event_reason == "WorkloadCreated"
+    s = d.status.dump()
+    assert (s["phase"], s["workload"], s["observedGeneration"]) == ("Pending", "qa-trainer", 1)
+    assert {c["type"]: c["status"] for c in s["conditions"]}["Validated"] == "True"
+
+
+def test_invalid_job_fails_once_with_one_warning() -> None:
+    bad = {**SPEC, "output": {"uri": "gs://bucket/x"}}
+    d = run(bad)
+    assert d.status.phase == "Failed" and d.status.reason == "InvalidURI"
+    assert events(d) == [("Warning", "InvalidURI")] and not any(isinstance(a, CreateWorkload) for a in d.actions)
+    again = run(bad, status=d.status.dump())
+    assert again.status == d.status.model_copy(update={"conditions": again.status.conditions}) and events(again) == []
+
+
+def test_a_fixed_spec_revives_a_job_that_failed_validation() -> None:
+    failed = run({**SPEC, "output": {"uri": "gs://bucket/x"}}).status.dump()
+    d = run(status=failed, ref=JobRef("team-a", "qa", "uid-1", 2))
+    assert d.status.phase == "Pending" and any(isinstance(a, CreateWorkload) for a in d.actions)
+    assert "Failed" not in {c.type for c in d.status.conditions}
+
+
+def test_running_pod_gives_running_and_one_event() -> None:
+    pending = run().status.dump()
+    obs = Observation(job=job(active=1), pods=[pod("qa-trainer-x", "Running", running={"startedAt": "t"})])
+    d = run(status=pending, obs=obs)
+    assert d.status.phase == "Running" and events(d) == [("Normal", "TrainerStarted")]
+    assert events(run(status=d.status.dump(), obs=obs)) == []
+
+
+def test_user_error_is_final_and_stops_the_job() -> None:
+    err = Report(seq=3, kind=ReportKind.ERROR, time="t", reason="DataError", message="qa.jsonl line 7")
+    obs = Observation(
+        job=job(failed=1), pods=[pod("p1", "Failed", terminated={"exitCode": 2, "message": format_report(err)})]
+    )
+    d = run(status=run().status.dump(), obs=obs)
+    assert (d.status.phase, d.status.reason) == ("Failed", "DataError")
+    assert StopWorkload("qa-trainer") in d.actions and ("Warning", "DataError") in events(d)
+
+
+def test_suspend_deletes_the_job_and_resume_recreates_it() -> None:
+    running = run(status=run().status.dump(), obs=Observation(job=job(active=1), pods=[pod("p", "Running")]))
+    suspended_spec = {**SPEC, "runPolicy": {"suspend": True}}
+    d = run(suspended_spec, status=running.status.dump(), obs=Observation(job=job(active=1)))
+    assert d.status.phase == "Suspended" and DeleteWorkload("qa-trainer") in d.actions
+    assert events(d) == [("Normal", "Suspended")]
+    resumed = run(status=d.status.dump(), ref=JobRef("team-a", "qa", "uid-1", 3))
+    assert resumed.status.phase == "Pending" and any(isinstance(a, CreateWorkload) for a in resumed.actions)
+
+
+def test_a_job_deleted_by_hand_is_recreated() -> None:
+    running = run(status=run().status.dump(), obs=Observation(job=job(active=1), pods=[pod("p", "Running")]))
+    d = run(status=running.status.dump(), obs=Observation(job=None))
+    create = next(a for a in d.actions if isinstance(a, CreateWorkload))
+    assert create.event_reason == "WorkloadRecreated"
+
+
+def test_spec_edit_while_pending_rewrites_the_config() -> None:
+    pending = run(status=run().status.dump(), obs=Observation(job=job(active=1))).status.dump()
+    edited = {**SPEC, "hyperparameters": {"epochs": 5}}
+    d = run(edited, status=pending, obs=Observation(job=job(active=1)), ref=JobRef("team-a", "qa", "uid-1", 2))
+    sync = next(a for a in d.actions if isinstance(a, SyncConfig))
+    assert "epochs: 5" in sync.config_map["data"]["job.yaml"] and d.status.observed_generation == 2
+
+
+def test_finished_job_waits_for_ttl_then_deletes_its_job() -> None:
+    spec = {**SPEC, "runPolicy": {"ttlSecondsAfterFinished": 60}}
+    done = job(succeeded=1, conditions=[{"type": "Complete", "status": "True"}])
+    d = run(spec, status=run(spec).status.dump(), obs=Observation(job=done, pods=[pod("p", "Succeeded")]))
+    assert d.status.phase == "Succeeded" and d.requeue_after == 60
+    later = run(spec, status=d.status.dump(), obs=Observation(job=done), now=NOW + dt.timedelta(seconds=59))
+    assert later.actions == [] and later.requeue_after is not None and 0 < later.requeue_after <= 1
+    gone = run(spec, status=d.status.dump(), obs=Observation(job=done), now=NOW + dt.timedelta(seconds=61))
+    assert gone.actions == [DeleteWorkload("qa-trainer")]
+    assert run(spec, status=d.status.dump(), obs=Observation(job=None), now=NOW + dt.timedelta(hours=1)).actions == []
+
+
+def test_finished_job_ignores_spec_edits() -> None:
+    done = job(succeeded=1, conditions=[{"type": "Complete", "status": "True"}])
+    d = run(status=run().status.dump(), obs=Observation(job=done))
+    edited = run({**SPEC, "method": {"type": "full"}}, status=d.status.dump(), ref=JobRef("team-a", "qa", "uid-1", 2))
+    assert edited.status == d.status and edited.actions == []
+
+
+def test_rejected_child_becomes_a_failed_verdict() -> None:
+    d = rejected(run().status, REF, "Job", 'metadata.labels: Invalid value: "x"', NOW)
+    assert (d.status.phase, d.status.reason) == ("Failed", "WorkloadRejected") and "Invalid value" in d.status.message
+    assert events(d) == [("Warning", "WorkloadRejected")] and d.status.workload is None
+
+
+def test_long_names_make_valid_labels_and_children() -> None:
+    name = "a" * 120 + ".b" * 60
+    d = run(ref=JobRef("team-a", name, "uid-1", 1))
+    create = next(a for a in d.actions if isinstance(a, CreateWorkload))
+    for child in (create.config_map, create.job, create.job["spec"]["template"]):
+        for value in child["metadata"]["labels"].values():
+            assert len(value) <= 63 and LABEL_VALUE.match(value), value
+    assert len(create.job["metadata"]["name"]) <= 52 and len(create.config_map["metadata"]["name"]) <= 52
+    other = builders.label_value("a" * 120 + ".b" * 59 + ".c")
+    assert other != create.job["metadata"]["labels"][builders.LABEL_JOB]
+
+
+def test_spec_size_limit() -> None:
+    assert spec_size_problem(SPEC) is None
+    huge = {**SPEC, "evaluation": {"samplePrompts": ["x" * 1000] * (MAX_SPEC_BYTES // 1000 + 1)}}
+    problem = spec_size_problem(huge)
+    assert problem is not None and "KiB" in problem
