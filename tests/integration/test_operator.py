@@ -352,3 +352,84 @@ def test_operator_killed_mid_flight_makes_no_duplicate_and_loses_nothing(
     finally:
         if operator.proc is None or operator.proc.poll() is not None:
             operator.start()
+
+
+# --- every job gets a verdict; nothing stored on the object; nothing stranded ----------------------------------
+
+
+def test_long_name_gets_a_workload_with_valid_labels(operator: OperatorProcess, jobs: Jobs) -> None:
+    name = "medical-question-answering-with-a-very-long-descriptive-name-" + "x" * 40
+    ftj = jobs.create(name, copy.deepcopy(VALID_SPEC))
+    status = jobs.wait_phase(name, "Pending")
+    job = jobs.batch.read_namespaced_job(status["workload"], jobs.ns)
+    assert job.metadata.labels["finetune.dev/job-uid"] == ftj["metadata"]["uid"]
+    assert all(len(v) <= 63 for v in job.metadata.labels.values())
+    assert len(wait_for("pod", lambda: jobs.pods())) == 1
+
+
+def test_large_spec_runs_and_leaves_no_bookkeeping_on_the_object(
+    operator: OperatorProcess, kubelet_logs: FakeKubeletLogs, jobs: Jobs
+) -> None:
+    """~200 KB of samplePrompts: over kopf's 256 KiB annotation budget when copied into an annotation."""
+    spec = copy.deepcopy(VALID_SPEC)
+    spec["evaluation"] = {"samplePrompts": [f"prompt {i}: " + "y" * 2000 for i in range(100)]}
+    jobs.create("big", spec)
+    pod = jobs.new_pod()
+    kubelet_logs.logs[(jobs.ns, pod.metadata.name)] = report(1, ReportKind.STAGE, stage="training")
+    jobs.set_pod(pod, "Running", running={"startedAt": "2026-01-01T00:00:00Z"})
+    jobs.wait_phase("big", "Running", timeout=15)
+    meta = jobs.get("big")["metadata"]
+    assert not meta.get("finalizers")
+    assert not [k for k in meta.get("annotations") or {} if "finetune.dev" in k or "kopf" in k]
+
+
+def test_spec_over_the_size_limit_fails_validation(operator: OperatorProcess, jobs: Jobs) -> None:
+    spec = copy.deepcopy(VALID_SPEC)
+    spec["evaluation"] = {"samplePrompts": ["z" * 4000] * 80}
+    jobs.create("huge", spec)
+    status = jobs.wait_phase("huge", "Failed")
+    assert status["reason"] == "SpecTooLarge" and "KiB" in status["message"]
+    assert jobs.k8s_jobs() == []
+
+
+def test_a_child_the_api_server_refuses_ends_as_failed_with_its_reason(operator: OperatorProcess, jobs: Jobs) -> None:
+    spec = copy.deepcopy(VALID_SPEC)
+    spec["storage"]["secretRef"] = {"name": "s3-credentials", "accessKeyIdKey": "not a valid key!"}
+    jobs.create("refused", spec)
+    status = jobs.wait_phase("refused", "Failed")
+    assert status["reason"] in ("WorkloadRejected", "InvalidField"), status
+    if status["reason"] == "WorkloadRejected":  # validation may catch it first; either way a verdict, not silence
+        assert "refused" in status["message"] and "key" in status["message"].lower()
+    assert any(
+        e.type == "Warning" and e.reason == status["reason"] for e in wait_for("event", lambda: jobs.events("refused"))
+    )
+    assert jobs.k8s_jobs() == []
+
+
+def test_deleting_a_namespace_does_not_wait_for_the_operator(
+    kube_api: Any, crd: None, operator: OperatorProcess
+) -> None:
+    core = client.CoreV1Api(kube_api)
+    ns = f"it-ns-delete-{int(time.time() * 1000) % 100000}"
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
+    jobs = Jobs(kube_api, ns)
+    for i in range(5):
+        jobs.create(f"j{i}", copy.deepcopy(VALID_SPEC))
+    for i in range(5):
+        jobs.wait_phase(f"j{i}", "Pending")
+    operator.stop()  # not even a running operator is needed to delete them
+    try:
+        start = time.monotonic()
+        core.delete_namespace(ns)
+
+        def gone() -> bool:
+            try:
+                core.read_namespace(ns)
+                return False
+            except ApiException as exc:
+                return exc.status == 404
+
+        wait_for("namespace deleted", gone, timeout=60)
+        assert time.monotonic() - start < 60
+    finally:
+        operator.start()
