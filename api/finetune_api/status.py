@@ -11,6 +11,7 @@ from finetune_api.spec import ApiModel, FineTuneJobSpec
 
 
 class Phase(StrEnum):
+    QUEUED = "Queued"
     PENDING = "Pending"
     RUNNING = "Running"
     SUCCEEDED = "Succeeded"
@@ -76,7 +77,10 @@ class OutputRecord(ApiModel):
 class FineTuneJobStatus(ApiModel):
     """Observed state. Everything here is derived from the workload and the trainer's reports."""
 
-    phase: Phase | None = Field(default=None, description="Pending, Running, Succeeded, Failed or Suspended.")
+    phase: Phase | None = Field(
+        default=None,
+        description="Queued (waiting for the namespace's quota), Pending, Running, Succeeded, Failed or Suspended.",
+    )
     reason: str | None = Field(default=None, description="Reason of the current phase.")
     message: str | None = Field(default=None, description="Human-readable explanation of the current phase.")
     conditions: list[Condition] = Field(default_factory=list, description="Conditions (API conventions).")
@@ -87,6 +91,20 @@ class FineTuneJobStatus(ApiModel):
         default_factory=list,
         description="Names of the trainer pods seen so far (the newest 32), for counting attempts.",
     )
+    failures: int = Field(
+        default=0,
+        description="Attempts that failed by themselves (crash, OOM kill): these count against runPolicy.backoffLimit.",
+    )
+    interruptions: int = Field(
+        default=0,
+        description="Attempts stopped from outside (pod deleted or evicted, node drained, preempted, SIGTERM): "
+        "retried from the last checkpoint without counting against runPolicy.backoffLimit.",
+    )
+    finished_pods: list[str] = Field(
+        default_factory=list,
+        description="Trainer pods already counted as a failure or interruption (the newest 32).",
+    )
+    queued_since: str | None = Field(default=None, description="When the job started waiting for quota.")
     start_time: str | None = Field(default=None, description="When the first trainer pod started.")
     completion_time: str | None = Field(default=None, description="When the job reached Succeeded or Failed.")
     progress: Progress | None = Field(default=None, description="Latest training progress.")

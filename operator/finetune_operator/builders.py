@@ -23,6 +23,8 @@ CONFIG_MOUNT = "/etc/finetune"
 CONFIG_FILE = "job.yaml"
 WORKSPACE = "/workspace"
 TRAINER_UID = 1000
+TERMINATION_GRACE_SECONDS = 120
+INTERRUPTIONS_ALLOWED = 50  # evictions/preemptions before the Job controller itself gives up
 
 
 def child_name(job_name: str, suffix: str) -> str:
@@ -173,6 +175,8 @@ def build_workload(
     }
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
+        # On SIGTERM (deletion, eviction, preemption, suspend) the trainer saves and uploads a checkpoint first.
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": {
@@ -195,7 +199,9 @@ def build_workload(
     if spec.resources.tolerations:
         pod_spec["tolerations"] = [t.dump() for t in spec.resources.tolerations]
     job_spec: dict[str, Any] = {
-        "backoffLimit": rp.backoff_limit,
+        # The operator enforces runPolicy.backoffLimit itself, counting only attempts that failed by themselves;
+        # the Job controller (which on Kubernetes 1.20 also counts evictions and preemptions) gets headroom.
+        "backoffLimit": rp.backoff_limit + INTERRUPTIONS_ALLOWED,
         "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
     }
     if rp.active_deadline_seconds:

@@ -288,6 +288,7 @@ class Controller:
             self._validate(record),
             image_pull_policy=self.cfg.defaults.image_pull_policy,
             now=dt.datetime.now(dt.UTC),
+            start_deadline_seconds=self.cfg.start_deadline_seconds,
         )
         decision = await self._apply(record, status, decision)
         await self._write_status(record, status, decision.status)

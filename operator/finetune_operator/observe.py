@@ -8,6 +8,7 @@ Everything here works on the typed `FineTuneJobStatus`, never on dicts.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,15 @@ from finetune_api.status import (
 
 _PODS_REMEMBERED = 32
 USER_ERROR_EXIT_CODE = 2  # the trainer's "your config or data is wrong": retrying cannot help
+INTERRUPTED_EXIT_CODE = 143  # the trainer saved a checkpoint on SIGTERM and stopped: resumable, not its fault
+# Pod reasons that mean "stopped from outside": eviction (node pressure, drain), preemption, node shutdown.
+_INTERRUPTION_REASONS = frozenset({"Evicted", "Preempting", "Shutdown", "NodeShutdown", "Terminated", "NodeLost"})
+# Waiting reasons with which a pod can never start: no retry and no deadline can help.
+_NEVER_STARTS = {
+    "CreateContainerConfigError": "MissingConfig",  # a Secret, or a key in it, that does not exist
+    "ErrImageNeverPull": "ImageNotPresent",  # imagePullPolicy Never and the node lacks the image
+    "InvalidImageName": "InvalidImage",
+}
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,9 @@ class PodView:
     started_at: str | None = None
     finished_at: str | None = None
     resource_version: str = ""
+    pod_reason: str | None = None  # status.reason of the pod itself, e.g. Evicted
+    disrupted: bool = False  # the DisruptionTarget condition (Kubernetes 1.26+: preemption, eviction, drain)
+    deleting: bool = False  # deletionTimestamp set: someone (a drain, a preemption, a person) is removing it
 
     @property
     def running(self) -> bool:
@@ -81,9 +94,12 @@ def pod_view(pod: Mapping[str, Any]) -> PodView:
     meta, status = pod.get("metadata") or {}, pod.get("status") or {}
     reason = message = termination = started = finished = None
     exit_code: int | None = None
+    disrupted = False
     for cond in status.get("conditions") or []:
         if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
             reason, message = cond.get("reason") or "Unschedulable", cond.get("message")
+        if cond.get("type") == "DisruptionTarget" and cond.get("status") == "True":
+            disrupted = True
     for cs in status.get("containerStatuses") or []:
         state = cs.get("state") or {}
         if state.get("waiting"):
@@ -106,6 +122,9 @@ def pod_view(pod: Mapping[str, Any]) -> PodView:
         started_at=started,
         finished_at=finished,
         resource_version=str(meta.get("resourceVersion") or ""),
+        pod_reason=status.get("reason"),
+        disrupted=disrupted,
+        deleting=bool(meta.get("deletionTimestamp")),
     )
 
 
@@ -233,6 +252,62 @@ def _last_error(reports: list[Report], pod: PodView | None) -> tuple[str, str]:
     return "TrainerFailed", "the trainer failed"
 
 
+def interrupted(pod: PodView) -> bool:
+    """Stopped from outside (and resumable), as opposed to failing by itself."""
+    return (
+        pod.exit_code == INTERRUPTED_EXIT_CODE
+        or pod.disrupted
+        or pod.deleting
+        or (pod.pod_reason or "") in _INTERRUPTION_REASONS
+        or (pod.phase == "Failed" and pod.exit_code is None)  # killed before its container ran
+    )
+
+
+@dataclass(frozen=True)
+class Tally:
+    failures: int
+    interruptions: int
+    finished_pods: list[str]
+
+
+def tally(prev: FineTuneJobStatus, pods: list[PodView]) -> Tally:
+    """Count each finished pod once: a failure (counts against backoffLimit) or an interruption (does not)."""
+    failures, interruptions, counted = prev.failures, prev.interruptions, list(prev.finished_pods)
+    for pod in pods:
+        if pod.phase != "Failed" or pod.name in counted or pod.exit_code == USER_ERROR_EXIT_CODE:
+            continue
+        counted.append(pod.name)
+        if interrupted(pod):
+            interruptions += 1
+        else:
+            failures += 1
+    return Tally(failures, interruptions, counted[-_PODS_REMEMBERED:])
+
+
+def never_starts(pod: PodView | None) -> tuple[str, str] | None:
+    """(reason, message) when this pending pod cannot start whatever happens; None otherwise."""
+    if pod is None or pod.phase != "Pending" or pod.reason not in _NEVER_STARTS:
+        return None
+    detail = pod.message or pod.reason or ""
+    return _NEVER_STARTS[pod.reason or ""], f"the trainer pod cannot start: {detail}"
+
+
+def _parse_ts(value: str | None) -> dt.datetime | None:
+    try:
+        return dt.datetime.strptime(value or "", "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+    except ValueError:
+        return None
+
+
+def waiting_since(status: FineTuneJobStatus, obs: Observation) -> dt.datetime | None:
+    """Since when the current attempt has been waiting to start; None when a trainer runs or is done."""
+    latest = obs.pods[-1] if obs.pods else None
+    if latest is not None:
+        return _parse_ts(latest.created) if latest.phase == "Pending" else None
+    created = next((c for c in status.conditions if c.type == ConditionType.WORKLOAD_CREATED), None)
+    return _parse_ts(created.last_transition_time) if created is not None else None
+
+
 def _attempts(prev: FineTuneJobStatus, obs: Observation) -> tuple[int, list[str]]:
     """Every trainer pod ever seen counts, not only those that exist now: a force-deleted pod vanishes without the
     Job controller counting it as failed, yet it was an attempt."""
@@ -252,6 +327,7 @@ def compute_status(
     backoff_limit: int,
     keep_checkpoints: int,
     now: str,
+    start_deadline_seconds: float | None = None,
 ) -> FineTuneJobStatus:
     """The next status of a validated, unsuspended job whose workload exists."""
     status = fold_reports(prev, obs.reports, keep_checkpoints)
@@ -260,9 +336,13 @@ def compute_status(
     pods, job = obs.pods, obs.job
     latest = pods[-1] if pods else None
     attempts, trainer_pods = _attempts(prev, obs)
+    counts = tally(prev, pods)
     started = [p.started_at for p in pods if p.started_at]
     start_time = status.start_time or (min(started) if started else None)
     user_error = next((p for p in pods if p.exit_code == USER_ERROR_EXIT_CODE), None)
+    blocked = never_starts(latest)
+    since, now_dt = waiting_since(status, obs), _parse_ts(now)
+    waited = (now_dt - since).total_seconds() if since is not None and now_dt is not None else 0.0
 
     phase: Phase
     if prev.phase in (Phase.SUCCEEDED, Phase.FAILED):
@@ -273,6 +353,10 @@ def compute_status(
     elif user_error is not None:
         phase = Phase.FAILED
         reason, message = _last_error(obs.reports if user_error is latest else [], user_error)
+    elif counts.failures > backoff_limit:
+        failed_pod = next((p for p in reversed(pods) if p.phase == "Failed" and not interrupted(p)), latest)
+        phase, (reason, message) = Phase.FAILED, _last_error(obs.reports, failed_pod)
+        message = f"{message} (gave up after {counts.failures} failed attempts; runPolicy.backoffLimit={backoff_limit})"
     elif job is not None and job.failed_reason is not None:
         phase = Phase.FAILED
         if job.failed_reason == "DeadlineExceeded":
@@ -280,6 +364,12 @@ def compute_status(
         else:
             reason, message = _last_error(obs.reports, latest)
             message = f"{message} (gave up after {attempts} attempts; runPolicy.backoffLimit={backoff_limit})"
+    elif blocked is not None:
+        phase, (reason, message) = Phase.FAILED, blocked
+    elif start_deadline_seconds is not None and waited > start_deadline_seconds:
+        phase, reason = Phase.FAILED, "StartDeadlineExceeded"
+        why = (latest.message or latest.reason) if latest is not None else None
+        message = f"the trainer did not start within {start_deadline_seconds:g}s ({why or 'no pod was created'})"
     elif latest is not None and latest.running:
         phase, reason = Phase.RUNNING, "Training"
         stage = status.progress.stage if status.progress else None
@@ -287,7 +377,8 @@ def compute_status(
     else:
         phase = Phase.PENDING
         if latest is not None and latest.phase == "Failed":
-            reason, message = "Retrying", f"attempt {attempts} failed; a new pod resumes from the last checkpoint"
+            cause = "was interrupted" if interrupted(latest) else "failed"
+            reason, message = "Retrying", f"attempt {attempts} {cause}; a new pod resumes from the last checkpoint"
         elif latest is not None and latest.reason:
             reason, message = latest.reason, latest.message or latest.reason
         else:
@@ -310,9 +401,22 @@ def compute_status(
             "message": message[:4096],
             "attempts": attempts,
             "trainer_pods": trainer_pods,
+            "failures": counts.failures,
+            "interruptions": counts.interruptions,
+            "finished_pods": counts.finished_pods,
             "start_time": start_time,
             "completion_time": (status.completion_time or now) if terminal else None,
             "conditions": conds,
             "observed_generation": generation,
         }
     )
+
+
+def start_deadline_left(
+    status: FineTuneJobStatus, obs: Observation, now: str, start_deadline_seconds: float | None
+) -> float | None:
+    """Seconds until a waiting attempt passes its start deadline (for a timer); None when nothing waits."""
+    since, now_dt = waiting_since(status, obs), _parse_ts(now)
+    if start_deadline_seconds is None or since is None or now_dt is None:
+        return None
+    return max(0.5, start_deadline_seconds - (now_dt - since).total_seconds() + 0.5)

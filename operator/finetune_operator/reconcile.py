@@ -16,7 +16,13 @@ from typing import Any
 from finetune_api.spec import API_GROUP, API_VERSION, KIND, FineTuneJobSpec
 from finetune_api.status import ConditionType, FineTuneJobStatus, Phase
 from finetune_operator import builders
-from finetune_operator.observe import Observation, compute_status, drop_condition, set_condition
+from finetune_operator.observe import (
+    Observation,
+    compute_status,
+    drop_condition,
+    set_condition,
+    start_deadline_left,
+)
 from finetune_operator.validation import ValidationResult
 
 TERMINAL = frozenset({Phase.SUCCEEDED.value, Phase.FAILED.value})
@@ -167,6 +173,7 @@ def decide(
     *,
     image_pull_policy: str,
     now: dt.datetime,
+    start_deadline_seconds: float | None = None,
 ) -> Decision:
     """The next status and the actions that make the world match the spec."""
     stamp, gen = _stamp(now), ref.generation
@@ -232,6 +239,7 @@ def decide(
         backoff_limit=spec.run_policy.backoff_limit,
         keep_checkpoints=spec.checkpoints.keep,
         now=stamp,
+        start_deadline_seconds=start_deadline_seconds,
     )
     if new.phase != status.phase:
         if new.phase == Phase.FAILED:
@@ -241,6 +249,8 @@ def decide(
         elif new.phase == Phase.RUNNING:
             actions.append(PostEvent("Normal", "TrainerStarted", f"attempt {new.attempts} is running"))
     decision = Decision(new, actions)
+    if new.phase == Phase.PENDING:  # wake up when the start deadline passes, even if nothing else happens
+        decision.requeue_after = start_deadline_left(new, obs, stamp, start_deadline_seconds)
     if new.phase in TERMINAL:
         ttl = _finished(ref, raw_spec, new, obs, now)
         decision.requeue_after = ttl.requeue_after or (0.5 if ttl.actions else None)

@@ -130,3 +130,57 @@ def test_a_vanished_pod_still_counts_as_an_attempt() -> None:
     assert again["attempts"] == 1
     second = status_of(Observation(job=job(active=1), pods=[pod_view(pod("p2", "Pending"))]), prev=again)
     assert second["attempts"] == 2 and second["trainerPods"] == ["p1", "p2"]
+
+
+def statuses(*pod_sets: list[Any], backoff: int = 1, deadline: float | None = None, now: str = NOW) -> Any:
+    """Feed successive observations (lists of pods) through compute_status, as the controller does."""
+    status = FineTuneJobStatus.model_validate({"phase": "Pending"})
+    for pods in pod_sets:
+        status = compute_status(
+            status,
+            Observation(job=job(active=1), pods=[pod_view(p) for p in pods]),
+            generation=1,
+            backoff_limit=backoff,
+            keep_checkpoints=2,
+            now=now,
+            start_deadline_seconds=deadline,
+        )
+    return status
+
+
+def test_interruptions_are_retried_without_counting_against_the_backoff_limit() -> None:
+    sigterm = pod("p1", "Failed", terminated={"exitCode": 143, "reason": "Error"})
+    evicted = {**pod("p2", "Failed"), "status": {"phase": "Failed", "reason": "Evicted", "message": "node low"}}
+    drained = pod("p3", "Failed", terminated={"exitCode": 137, "reason": "Error"})
+    drained["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:05Z"
+    s = statuses([sigterm], [sigterm, evicted], [sigterm, evicted, drained], backoff=0)
+    assert (s.phase, s.failures, s.interruptions) == ("Pending", 0, 3)
+    assert s.reason == "Retrying" and "interrupted" in (s.message or "")
+
+
+def test_crashes_count_once_each_until_the_budget_is_spent() -> None:
+    oom = pod("p1", "Failed", terminated={"exitCode": 137, "reason": "OOMKilled"})
+    crash = pod("p2", "Failed", terminated={"exitCode": 1, "reason": "Error"})
+    s = statuses([oom], [oom], [oom, pod("p2", "Pending")], backoff=1)
+    assert (s.phase, s.failures) == ("Pending", 1)  # the same failed pod seen three times counts once
+    s = statuses([oom], [oom, crash], backoff=1)
+    assert (s.phase, s.failures) == ("Failed", 2) and "backoffLimit=1" in (s.message or "")
+
+
+def test_a_pod_that_can_never_start_fails_at_once_naming_what_is_missing() -> None:
+    waiting = {"reason": "CreateContainerConfigError", "message": 'secret "s3-credentials" not found'}
+    s = statuses([pod("p1", "Pending", waiting=waiting)])
+    assert (s.phase, s.reason) == ("Failed", "MissingConfig") and "s3-credentials" in (s.message or "")
+    never = {"reason": "ErrImageNeverPull", "message": 'Container image "x:1" is not present'}
+    assert statuses([pod("p1", "Pending", waiting=never)]).reason == "ImageNotPresent"
+
+
+def test_a_pod_that_does_not_start_fails_after_the_start_deadline() -> None:
+    unsched = pod("p1", "Pending")  # created 00:00:01
+    unsched["status"]["conditions"] = [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/1 nodes: gpu"}
+    ]
+    early = statuses([unsched], deadline=60, now="2026-01-01T00:00:50Z")
+    assert (early.phase, early.reason) == ("Pending", "Unschedulable")
+    late = statuses([unsched], deadline=60, now="2026-01-01T00:01:02Z")
+    assert (late.phase, late.reason) == ("Failed", "StartDeadlineExceeded") and "0/1 nodes: gpu" in (late.message or "")
