@@ -98,7 +98,13 @@ def _strip(spec: Mapping[str, Any], paths: tuple[tuple[str, ...], ...]) -> dict[
 
 
 def changed_fields(old: Any, new: Any, prefix: str = "spec") -> list[str]:
-    """The paths (as the tenant writes them) where two specs differ; lists count as one value."""
+    """The paths (as the tenant writes them) where two specs differ; lists count as one value.
+
+    An absent object and an empty one are the same (`runPolicy: {suspend: true}` added to a spec without
+    runPolicy changes only runPolicy.suspend)."""
+    if isinstance(old, Mapping) or isinstance(new, Mapping):
+        old = {} if old is None else old
+        new = {} if new is None else new
     if isinstance(old, Mapping) and isinstance(new, Mapping):
         out: list[str] = []
         for key in sorted({*old, *new}):
@@ -188,13 +194,5 @@ def enable(options: WebhookOptions) -> None:
     def _validate(body: kopf.Body, **kwargs: Any) -> None:
         operation, old = kwargs.get("operation") or "", kwargs.get("old")
         problems = review(operation, body, old, config.get("cfg") or load_config())
-        if problems:
-            meta = body.get("metadata") or {}
-            log.info(
-                "admission: refused %s of %s/%s: %s",
-                operation,
-                meta.get("namespace"),
-                meta.get("name") or meta.get("generateName"),
-                ", ".join(f"{p.reason} {p.field}" for p in problems),
-            )
+        if problems:  # kopf logs the refusal
             raise kopf.AdmissionError(refusal(problems), code=422)

@@ -96,8 +96,8 @@ def test_edit_of_started_job_refused_naming_the_fields() -> None:
     assert len(problems) == 1
     p = problems[0]
     assert p.reason == "SpecImmutable"
-    assert p.field == "spec.hyperparameters"
-    assert "spec.output.uri" in p.message and "spec.hyperparameters" in p.message
+    assert p.field == "spec.hyperparameters.epochs"
+    assert "spec.output.uri" in p.message and "spec.hyperparameters.epochs" in p.message
     assert "spec.runPolicy.suspend" in p.message
 
 
@@ -107,6 +107,12 @@ def test_edit_of_started_job_refused_naming_the_fields() -> None:
 )
 def test_suspend_and_deadlines_may_change_after_start(path: str, value: Any) -> None:
     assert review("UPDATE", job(edited(path, value)), job(status=RUNNING), CFG) == []
+
+
+def test_suspend_added_to_a_spec_without_run_policy() -> None:
+    old = copy.deepcopy(SPEC)
+    del old["runPolicy"]
+    assert review("UPDATE", job(edited("runPolicy.suspend", True, old)), job(old, status=RUNNING), CFG) == []
 
 
 def test_other_run_policy_fields_are_frozen_after_start() -> None:
