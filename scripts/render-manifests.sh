@@ -12,6 +12,9 @@
 #     only under `helm test`, so test.enabled=false also leaves out its ServiceAccount and Role);
 #   - no hooks (--no-hooks): kubectl would run the pre-delete cleanup Job at once, stopping the operator. A
 #     kubectl install removes the operator's finalizers by hand before `kubectl delete` (docs/uninstall.md).
+#   - no admission webhook (webhook.enabled=false): its TLS key is generated at install time, and a committed
+#     file must not carry a private key that every kubectl install would share. The operator still fails bad
+#     jobs itself; docs/admission.md shows how to add the webhook to a kubectl install.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -20,7 +23,7 @@ NAMESPACE=finetune-system
 RELEASE=finetune-operator
 
 rendered=$("$ROOT/scripts/helm.sh" template "$RELEASE" "$ROOT/charts/finetune-operator" \
-  --namespace "$NAMESPACE" --no-hooks --set test.enabled=false)
+  --namespace "$NAMESPACE" --no-hooks --set test.enabled=false --set webhook.enabled=false)
 
 {
   cat <<YAML

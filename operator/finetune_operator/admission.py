@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 HANDLER_ID = "validate"  # kopf serves a handler at /<id>: the chart's webhook configuration calls this path
 WEBHOOK_PATH = f"/{HANDLER_ID}"
-DEFAULT_CERT_DIR = "/etc/finetune-operator/webhook"
+DEFAULT_CERT_DIR = "/etc/finetune-webhook"
 # What may still change once a job has started: pausing it and its deadlines. Anything else would make the
 # running trainer, its ConfigMap and the status disagree with the spec.
 MUTABLE_AFTER_START: tuple[tuple[str, ...], ...] = (

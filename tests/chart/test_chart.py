@@ -104,11 +104,12 @@ def test_default_render_has_the_operator_objects(helm: str) -> None:
     operator = ["ServiceAccount", "ConfigMap", "ClusterRole", "ClusterRoleBinding", "Deployment"]
     smoke_test = ["ServiceAccount", "Role", "RoleBinding", "Pod"]
     cleanup = ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Job"]
-    assert kinds == sorted([*operator, *smoke_test, *cleanup])
+    webhook = ["Secret", "Service", "ValidatingWebhookConfiguration"]
+    assert kinds == sorted([*operator, *smoke_test, *cleanup, *webhook])
     assert sorted(d["kind"] for d in hooks(docs, "pre-delete")) == sorted(cleanup)
     assert sorted(d["kind"] for d in hooks(docs, "test")) == ["Pod"]
     for doc in docs:
-        if doc["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
+        if doc["kind"] not in ("ClusterRole", "ClusterRoleBinding", "ValidatingWebhookConfiguration"):
             assert doc["metadata"]["namespace"] == NAMESPACE, doc["metadata"]
 
 
@@ -649,3 +650,119 @@ def test_helm_sh_needs_no_npm_once_cached(helm: str) -> None:
         shutil.rmtree(bin_dir, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("v3."), proc.stdout
+
+
+# ---- the admission webhook ---------------------------------------------------------------------------------------
+
+WEBHOOK_FLAGS = ["--set", "webhook.enabled=false"]
+
+
+def _pem_file(tmp_path: Path, name: str, b64: str) -> str:
+    import base64
+
+    path = tmp_path / name
+    path.write_bytes(base64.b64decode(b64))
+    return str(path)
+
+
+def test_webhook_is_served_by_the_operator_with_a_certificate_the_api_server_trusts(helm: str, tmp_path: Path) -> None:
+    from finetune_operator.admission import WEBHOOK_PATH
+
+    docs = release_objects(render(helm))
+    config = one(docs, "ValidatingWebhookConfiguration")
+    (hook,) = config["webhooks"]
+    assert hook["failurePolicy"] == "Fail" and hook["sideEffects"] == "None" and hook["timeoutSeconds"] == 10
+    assert hook["rules"] == [
+        {
+            "apiGroups": ["finetune.dev"],
+            "apiVersions": ["*"],
+            "resources": ["finetunejobs"],
+            "operations": ["CREATE", "UPDATE"],
+            "scope": "Namespaced",
+        }
+    ]
+    assert "namespaceSelector" not in hook  # every namespace by default
+    # The API server calls the Service on the path the operator serves ...
+    ref = hook["clientConfig"]["service"]
+    assert ref["path"] == WEBHOOK_PATH and ref["namespace"] == NAMESPACE
+    service = one(docs, "Service", ref["name"])
+    (port,) = [p for p in service["spec"]["ports"] if p["port"] == ref["port"]]
+    deployment = one(docs, "Deployment")
+    pod = deployment["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    container = pod["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    env = env_of(container)
+    assert ports[port["targetPort"]] == int(str(env["FINETUNE_WEBHOOK_PORT"])) == 9443
+    # ... with the certificate from the Secret, mounted where the operator reads it ...
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == env["FINETUNE_WEBHOOK_CERT_DIR"])
+    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])
+    secret = one(docs, "Secret", volume["secret"]["secretName"])
+    assert secret["type"] == "kubernetes.io/tls"
+    assert {i["path"] for i in volume["secret"]["items"]} == {"tls.crt", "tls.key"}
+    # ... which the caBundle verifies, for the Service's DNS name.
+    assert hook["clientConfig"]["caBundle"] == secret["data"]["ca.crt"]
+    ca = _pem_file(tmp_path, "ca.crt", secret["data"]["ca.crt"])
+    crt = _pem_file(tmp_path, "tls.crt", secret["data"]["tls.crt"])
+    dns = f"{ref['name']}.{NAMESPACE}.svc"
+    check = ["openssl", "verify", "-CAfile", ca, "-verify_hostname", dns, "-purpose", "sslserver", crt]
+    proc = subprocess.run(check, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    wrong = subprocess.run([*check[:4], "-verify_hostname", "evil.example.com", crt], capture_output=True, check=False)
+    assert wrong.returncode != 0
+    # The key matches the certificate.
+    key = _pem_file(tmp_path, "tls.key", secret["data"]["tls.key"])
+    commands = (["openssl", "x509", "-noout", "-pubkey", "-in", crt], ["openssl", "pkey", "-pubout", "-in", key])
+    pub = [subprocess.run(c, capture_output=True, check=True).stdout for c in commands]
+    assert pub[0] == pub[1]
+
+
+def test_webhook_values(helm: str) -> None:
+    values = ["failurePolicy=Ignore", "timeoutSeconds=5", "port=10443", "namespaceSelector.matchLabels.tenant=yes"]
+    docs = render(helm, *[arg for v in values for arg in ("--set", f"webhook.{v}")])
+    (hook,) = one(docs, "ValidatingWebhookConfiguration")["webhooks"]
+    assert hook["failurePolicy"] == "Ignore" and hook["timeoutSeconds"] == 5
+    assert hook["namespaceSelector"] == {"matchLabels": {"tenant": "yes"}}
+    container = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert env_of(container)["FINETUNE_WEBHOOK_PORT"] == "10443"
+    assert {p["name"]: p["containerPort"] for p in container["ports"]}["webhook"] == 10443
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--set", "webhook.failurePolicy=Sometimes"], "webhook.failurePolicy"),
+        (["--set", "webhook.timeoutSeconds=31"], "webhook.timeoutSeconds"),
+        (["--set", "webhook.port=443"], "webhook.port"),
+        (["--set", "webhook.enable=true"], "Additional property enable is not allowed"),
+    ],
+)
+def test_webhook_schema_rejects_invalid_values(helm: str, flags: list[str], message: str) -> None:
+    proc = run_helm(helm, "template", RELEASE, *flags)
+    assert proc.returncode != 0, f"{flags} rendered:\n{proc.stdout[:500]}"
+    assert message in proc.stderr, proc.stderr
+
+
+def test_webhook_disabled_renders_nothing_of_it(helm: str) -> None:
+    docs = render(helm, *WEBHOOK_FLAGS)
+    assert not find(docs, "ValidatingWebhookConfiguration") and not find(docs, "Service") and not find(docs, "Secret")
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert not [k for k in env_of(container) if k.startswith("FINETUNE_WEBHOOK")]
+    assert [p["name"] for p in container["ports"]] == ["health"]
+    assert not [v for v in pod["volumes"] if "secret" in v]
+
+
+@pytest.mark.parametrize("flags", [[], ["--set", "watchNamespaces={team-a,team-b}"]], ids=["cluster", "namespaced"])
+def test_webhook_needs_no_operator_rbac(helm: str, flags: list[str]) -> None:
+    # Helm writes the webhook configuration and the kubelet mounts the Secret: the operator may touch neither.
+    docs = render(helm, *flags)
+    for role in find(docs, "ClusterRole") + find(docs, "Role"):
+        for (group, resource), _verbs in grants(role, named=True).items():
+            assert group != "admissionregistration.k8s.io", role["metadata"]["name"]
+            assert resource not in ("secrets", "certificatesigningrequests"), role["metadata"]["name"]
+
+
+def test_kubectl_manifests_carry_no_private_key() -> None:
+    text = (REPO / "manifests" / "operator.yaml").read_text()
+    assert "PRIVATE KEY" not in text and "ValidatingWebhookConfiguration" not in text
