@@ -38,6 +38,7 @@ from finetune_operator.reconcile import (
     StopWorkload,
     SyncConfig,
     decide,
+    queued,
     rejected,
     spec_size_problem,
 )
@@ -115,6 +116,9 @@ class Controller:
         self.written_rv: dict[str, str] = {}
         self.last_write: dict[str, float] = {}
         self.validations: dict[str, tuple[int | None, ValidationResult]] = {}
+        self.job_owner: dict[tuple[str, str], str] = {}  # (namespace, Job name) -> FineTuneJob UID
+        self.quota_messages: dict[str, str] = {}  # UID -> why its Job controller could not create a pod
+        self.queued: dict[str, set[str]] = {}  # namespace -> UIDs whose Job the namespace's quota refused
         self.executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="kube")
         self.loop: asyncio.AbstractEventLoop | None = None
         self.follower = follower(on_report=self._report_from_thread, on_end=self._end_from_thread)
@@ -151,8 +155,25 @@ class Controller:
             return  # the echo of our own status write: nothing new to decide
         self.queue.add(record.uid)
 
-    def child_event(self, uid: str | None) -> None:
+    def child_event(self, uid: str | None, job: tuple[str, str] | None = None, gone: bool = False) -> None:
+        if job is not None and uid:
+            if gone:
+                self.job_owner.pop(job, None)
+            else:
+                self.job_owner[job] = uid
         if uid and uid in self.records:
+            self.queue.add(uid)
+
+    def pod_creation_failed(self, namespace: str, job_name: str, message: str) -> None:
+        """A FailedCreate event of a trainer Job: the namespace's quota (or a policy) refused its pod."""
+        uid = self.job_owner.get((namespace, job_name))
+        if uid is not None and uid in self.records:
+            self.quota_messages[uid] = message
+            self.queue.add(uid)
+
+    def quota_changed(self, namespace: str) -> None:
+        """A ResourceQuota changed: jobs whose Job it refused may fit now."""
+        for uid in self.queued.get(namespace, set()):
             self.queue.add(uid)
 
     def _report_from_thread(self, uid: str, pod: str, report: Report) -> None:
@@ -186,7 +207,9 @@ class Controller:
         for pod in self.followed.pop(uid, set()):
             if record is not None:
                 self.follower.stop(record.namespace, pod)
-        for d in (self.pending, self.errors, self.written_rv, self.last_write, self.validations):
+        if record is not None:
+            self.queued.get(record.namespace, set()).discard(uid)
+        for d in (self.pending, self.errors, self.written_rv, self.last_write, self.validations, self.quota_messages):
             d.pop(uid, None)  # type: ignore[attr-defined]
         self.drained = {k for k in self.drained if k[0] != uid}
         for key in [k for k in self.seen_seq if k[0] == uid]:
@@ -234,7 +257,11 @@ class Controller:
         for pod in pods:
             reports += self.pending.get(uid, {}).get(pod.name, [])
         reports += self.errors.get(uid, {}).values()
-        return Observation(job=jobs[0] if jobs else None, pods=pods, reports=reports)
+        if pods:
+            self.quota_messages.pop(uid, None)  # a pod exists: whatever refused one before is past
+        return Observation(
+            job=jobs[0] if jobs else None, pods=pods, reports=reports, quota_message=self.quota_messages.get(uid)
+        )
 
     async def _drain(self, record: Record, pods: list[PodView]) -> None:
         """Read what a finished trainer wrote after its stream was last read (or while no operator ran)."""
@@ -291,6 +318,11 @@ class Controller:
             start_deadline_seconds=self.cfg.start_deadline_seconds,
         )
         decision = await self._apply(record, status, decision)
+        waiting = self.queued.setdefault(record.namespace, set())
+        if decision.status.phase == Phase.QUEUED and obs.job is None:
+            waiting.add(uid)
+        else:
+            waiting.discard(uid)
         await self._write_status(record, status, decision.status)
         for pod, n in included.items():
             left = self.pending.get(uid, {}).get(pod)
@@ -324,6 +356,13 @@ class Controller:
                 elif isinstance(action, PostEvent):
                     await self._event(record, action.type, action.reason, action.message)
             except ApiException as exc:
+                if exc.status == 403 and isinstance(action, CreateWorkload) and "exceeded quota" in str(exc.body):
+                    # count/jobs.batch (or similar) quota: wait for a ResourceQuota change, not a retry loop.
+                    waiting = queued(before, ref, api_message(exc), dt.datetime.now(dt.UTC))
+                    for event in waiting.actions:
+                        if isinstance(event, PostEvent):
+                            await self._event(record, event.type, event.reason, event.message)
+                    return waiting
                 if exc.status not in REJECTED_STATUSES or not isinstance(action, CreateWorkload | SyncConfig):
                     raise
                 what = "Job" if isinstance(action, CreateWorkload) and "job" in str(exc.body).lower() else "config"

@@ -43,6 +43,8 @@ async def start(settings: kopf.OperatorSettings, **_: Any) -> None:
     )
     settings.watching.label_selectors["batch", "v1", "jobs"] = f"{LABEL_MANAGED_BY}={MANAGER}"
     settings.watching.label_selectors["v1", "pods"] = f"{LABEL_MANAGED_BY}={MANAGER},{LABEL_COMPONENT}=trainer"
+    # Only the Job controller's "could not create a pod" events (quota), not the cluster's event stream.
+    settings.watching.field_selectors["v1", "events"] = "involvedObject.kind=Job,reason=FailedCreate"
     settings.posting.level = logging.WARNING  # our own Events carry the milestones; not kopf's chatter
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
@@ -85,9 +87,24 @@ async def finetunejob_changed(
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)
-async def trainer_job_changed(labels: kopf.Labels, **_: Any) -> None:
+async def trainer_job_changed(type: str, labels: kopf.Labels, name: str, namespace: str | None, **_: Any) -> None:
     if CONTROLLER is not None:
-        CONTROLLER.child_event(labels.get(LABEL_UID))
+        CONTROLLER.child_event(labels.get(LABEL_UID), job=(namespace or "", name), gone=type == "DELETED")
+
+
+@kopf.on.event("v1", "events")
+async def job_event(body: kopf.Body, type: str, **_: Any) -> None:
+    involved = body.get("involvedObject") or {}
+    if CONTROLLER is not None and type != "DELETED" and involved.get("kind") == "Job":
+        CONTROLLER.pod_creation_failed(
+            involved.get("namespace", ""), involved.get("name", ""), str(body.get("message") or "")
+        )
+
+
+@kopf.on.event("v1", "resourcequotas")
+async def quota_changed(namespace: str | None, **_: Any) -> None:
+    if CONTROLLER is not None and namespace:
+        CONTROLLER.quota_changed(namespace)
 
 
 @kopf.on.event("v1", "pods", labels=TRAINER_LABELS)

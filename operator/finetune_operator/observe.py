@@ -76,6 +76,7 @@ class JobView:
     complete: bool = False
     failed_reason: str | None = None  # set when the Job's Failed condition is True
     resource_version: str = ""
+    suspended: bool = False  # spec.suspend (Kubernetes 1.21+): a queue such as Kueue has not admitted it yet
 
 
 @dataclass
@@ -83,6 +84,8 @@ class Observation:
     job: JobView | None  # the batch Job, or None when it does not exist (yet, or any more)
     pods: list[PodView] = field(default_factory=list)  # oldest first
     reports: list[Report] = field(default_factory=list)  # trainer reports not yet folded into status, in order
+    # Why the Job controller could not create a pod (its FailedCreate event), e.g. "exceeded quota: ...".
+    quota_message: str | None = None
 
 
 def _ts(value: str | None) -> str | None:
@@ -146,6 +149,7 @@ def job_view(job: Mapping[str, Any]) -> JobView:
         complete=complete,
         failed_reason=failed_reason,
         resource_version=str(meta.get("resourceVersion") or ""),
+        suspended=bool((job.get("spec") or {}).get("suspend")),
     )
 
 
@@ -364,6 +368,8 @@ def compute_status(
         else:
             reason, message = _last_error(obs.reports, latest)
             message = f"{message} (gave up after {attempts} attempts; runPolicy.backoffLimit={backoff_limit})"
+    elif latest is None and job is not None and job.suspended:
+        phase, reason, message = Phase.QUEUED, "WaitingForQueue", "the Job waits for its queue (Kueue) to admit it"
     elif blocked is not None:
         phase, (reason, message) = Phase.FAILED, blocked
     elif start_deadline_seconds is not None and waited > start_deadline_seconds:
@@ -374,6 +380,8 @@ def compute_status(
         phase, reason = Phase.RUNNING, "Training"
         stage = status.progress.stage if status.progress else None
         message = f"attempt {attempts}: {stage or 'starting'}"
+    elif latest is None and obs.quota_message:
+        phase, reason, message = Phase.QUEUED, "ExceededQuota", obs.quota_message
     else:
         phase = Phase.PENDING
         if latest is not None and latest.phase == "Failed":
@@ -405,6 +413,7 @@ def compute_status(
             "interruptions": counts.interruptions,
             "finished_pods": counts.finished_pods,
             "start_time": start_time,
+            "queued_since": (status.queued_since or now) if phase == Phase.QUEUED else None,
             "completion_time": (status.completion_time or now) if terminal else None,
             "conditions": conds,
             "observed_generation": generation,

@@ -151,6 +151,29 @@ def rejected(status: FineTuneJobStatus, ref: JobRef, what: str, api_message: str
     return decision
 
 
+def queued(status: FineTuneJobStatus, ref: JobRef, api_message: str, now: dt.datetime) -> Decision:
+    """The namespace's ResourceQuota refused the trainer's Job: wait (a quota change wakes the job up)."""
+    stamp = _stamp(now)
+    message = f"waiting for quota: {api_message}"
+    conds = set_condition(
+        status.conditions, ConditionType.RUNNING, "False", "ExceededQuota", message, ref.generation, stamp
+    )
+    new = status.model_copy(
+        update={
+            "phase": Phase.QUEUED.value,
+            "reason": "ExceededQuota",
+            "message": message[:4096],
+            "conditions": conds,
+            "observed_generation": ref.generation,
+            "queued_since": status.queued_since or stamp,
+        }
+    )
+    actions: list[Action] = []
+    if status.phase != Phase.QUEUED:
+        actions.append(PostEvent("Normal", "Queued", message))
+    return Decision(new, actions)
+
+
 def _finished(
     ref: JobRef, spec: dict[str, Any], status: FineTuneJobStatus, obs: Observation, now: dt.datetime
 ) -> Decision:
@@ -198,6 +221,7 @@ def decide(
         message = "runPolicy.suspend is true; no trainer pod runs"
         conds = set_condition(conds, ConditionType.RUNNING, "False", "Suspended", message, gen, stamp)
         conds = set_condition(conds, ConditionType.SUSPENDED, "True", "Suspended", message, gen, stamp)
+        conds = set_condition(conds, ConditionType.WORKLOAD_CREATED, "False", "Suspended", message, gen, stamp)
         new = status.model_copy(
             update={
                 "phase": Phase.SUSPENDED.value,
@@ -212,6 +236,11 @@ def decide(
         return Decision(new, actions)
 
     config_map = adopt(builders.build_config_map(ref.meta(), spec), ref)
+    if obs.job is None and status.phase == Phase.QUEUED and status.queued_since and start_deadline_seconds:
+        waited = (now - _parse(status.queued_since)).total_seconds()
+        if waited > start_deadline_seconds:
+            message = f"the trainer did not start within {start_deadline_seconds:g}s ({status.message})"
+            return fail(status, gen, "StartDeadlineExceeded", message, stamp, validated=True)
     if obs.job is None:
         # No Job: a new or unsuspended job, a revived one, or one whose Job was deleted by hand (the trainer resumes).
         recreated = status.workload is not None and status.phase in (Phase.PENDING, Phase.RUNNING)

@@ -433,3 +433,47 @@ def test_deleting_a_namespace_does_not_wait_for_the_operator(
         assert time.monotonic() - start < 60
     finally:
         operator.start()
+
+
+# --- quota: Kubernetes' own ResourceQuota, reported as Queued ----------------------------------------------------
+
+
+def _quota(jobs: Jobs, hard: dict[str, str]) -> None:
+    body = {"metadata": {"name": "tenant-quota"}, "spec": {"hard": hard}}
+    try:
+        jobs.core.replace_namespaced_resource_quota("tenant-quota", jobs.ns, body)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        jobs.core.create_namespaced_resource_quota(jobs.ns, body)
+    # Quota admission enforces only what the quota controller has published in status.hard.
+    wait_for(
+        "quota status",
+        lambda: (jobs.core.read_namespaced_resource_quota("tenant-quota", jobs.ns).status.hard or {}) == hard,
+    )
+
+
+def test_a_job_over_the_pod_quota_is_queued_with_the_reason_then_starts(operator: OperatorProcess, jobs: Jobs) -> None:
+    _quota(jobs, {"pods": "0"})
+    jobs.create("q-pods", copy.deepcopy(VALID_SPEC))
+    status = jobs.wait_phase("q-pods", "Queued", timeout=30)
+    assert status["reason"] == "ExceededQuota" and "exceeded quota" in status["message"] and status["queuedSince"]
+    assert jobs.pods() == []
+    _quota(jobs, {"pods": "1"})
+    wait_for("pod after quota grew", lambda: jobs.pods(), timeout=60)
+    status = jobs.wait_phase("q-pods", "Pending", timeout=30)
+    assert "queuedSince" not in status
+
+
+def test_a_job_over_the_job_count_quota_is_queued_until_the_quota_changes(
+    operator: OperatorProcess, jobs: Jobs
+) -> None:
+    _quota(jobs, {"count/jobs.batch": "0"})
+    jobs.create("q-jobs", copy.deepcopy(VALID_SPEC))
+    status = jobs.wait_phase("q-jobs", "Queued", timeout=30)
+    assert status["reason"] == "ExceededQuota" and "count/jobs.batch" in status["message"]
+    assert jobs.k8s_jobs() == []
+    assert any(e.reason == "Queued" for e in wait_for("Queued event", lambda: jobs.events("q-jobs")))
+    _quota(jobs, {"count/jobs.batch": "1"})
+    jobs.wait_phase("q-jobs", "Pending", timeout=30)
+    assert [j.metadata.name for j in jobs.k8s_jobs()] == ["q-jobs-trainer"]
