@@ -27,6 +27,7 @@ from finetune_operator import builders
 from finetune_operator.config import OperatorConfig
 from finetune_operator.kube import REJECTED_STATUSES, Kube, api_message
 from finetune_operator.logfollow import LogFollower
+from finetune_operator.metrics import Metrics
 from finetune_operator.observe import JobView, Observation, PodView, reports_from_text
 from finetune_operator.reconcile import (
     TERMINAL,
@@ -63,6 +64,7 @@ class Record:
     spec: dict[str, Any]
     status: dict[str, Any]
     deleting: bool
+    created: str = ""
 
     @classmethod
     def of(cls, body: Mapping[str, Any]) -> Record:
@@ -76,6 +78,7 @@ class Record:
             spec=dict(body.get("spec") or {}),
             status=dict(body.get("status") or {}),
             deleting=bool(meta.get("deletionTimestamp")),
+            created=str(meta.get("creationTimestamp") or ""),
         )
 
     @property
@@ -91,6 +94,14 @@ def _newer(a: str, b: str) -> bool:
         return True
 
 
+def _seconds_between(start: str, end: str) -> float | None:
+    try:
+        fmt = "%Y-%m-%dT%H:%M:%SZ"
+        return (dt.datetime.strptime(end, fmt) - dt.datetime.strptime(start, fmt)).total_seconds()
+    except ValueError:
+        return None
+
+
 def parse_status(raw: Mapping[str, Any]) -> FineTuneJobStatus:
     try:
         return FineTuneJobStatus.model_validate(dict(raw))
@@ -102,6 +113,8 @@ def parse_status(raw: Mapping[str, Any]) -> FineTuneJobStatus:
 class Controller:
     def __init__(self, cfg: OperatorConfig, kube: Kube, follower: Callable[..., LogFollower]) -> None:
         self.cfg = cfg
+        self.metrics = Metrics(self._snapshot, lambda: len(self.queue))
+        self.gpu_accounted: set[tuple[str, str]] = set()
         self.kube = kube
         self.queue = WorkQueue()
         self.records: dict[str, Record] = {}
@@ -136,6 +149,15 @@ class Controller:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def _snapshot(self) -> list[tuple[str, str, int]]:
+        out = []
+        for uid, record in list(self.records.items()):
+            validation = self.validations.get(uid)
+            spec = validation[1].spec if validation is not None else None
+            gpus = (spec.resources.gpus or 0) if spec is not None else 0
+            out.append((record.namespace, str(record.status.get("phase") or "New"), gpus))
+        return out
 
     def bind_indexes(self, pods: Mapping[str, Iterable[PodView]], jobs: Mapping[str, Iterable[JobView]]) -> None:
         self.pods, self.jobs = pods, jobs
@@ -212,6 +234,7 @@ class Controller:
         for d in (self.pending, self.errors, self.written_rv, self.last_write, self.validations, self.quota_messages):
             d.pop(uid, None)  # type: ignore[attr-defined]
         self.drained = {k for k in self.drained if k[0] != uid}
+        self.gpu_accounted = {k for k in self.gpu_accounted if k[0] != uid}
         for key in [k for k in self.seen_seq if k[0] == uid]:
             del self.seen_seq[key]
             self.follow_started.pop(key, None)
@@ -222,7 +245,8 @@ class Controller:
         while True:
             uid = await self.queue.get()
             try:
-                await self.reconcile(str(uid))
+                with self.metrics.reconcile_seconds.time():
+                    await self.reconcile(str(uid))
                 self.queue.succeeded(uid)
             except asyncio.CancelledError:
                 raise
@@ -324,6 +348,7 @@ class Controller:
         else:
             waiting.discard(uid)
         await self._write_status(record, status, decision.status)
+        self._account(record, status, decision.status, obs.pods)
         for pod, n in included.items():
             left = self.pending.get(uid, {}).get(pod)
             if left is not None:
@@ -331,6 +356,31 @@ class Controller:
         self._manage_streams(record, decision.status, obs.pods)
         if decision.requeue_after is not None:
             self.queue.add_after(uid, decision.requeue_after)
+
+    def _account(
+        self, record: Record, before: FineTuneJobStatus, after: FineTuneJobStatus, pods: list[PodView]
+    ) -> None:
+        """Metrics from one decision: transitions, retries by cause, queue wait, GPU-seconds."""
+        m, ns = self.metrics, record.namespace
+        if after.phase != before.phase and after.phase:
+            m.transitions.labels(ns, after.phase).inc()
+        if after.failures > before.failures:
+            m.retries.labels(ns, "failure").inc(after.failures - before.failures)
+        if after.interruptions > before.interruptions:
+            m.retries.labels(ns, "interruption").inc(after.interruptions - before.interruptions)
+        if after.start_time and not before.start_time:
+            waited = _seconds_between(record.created, after.start_time)
+            if waited is not None:
+                m.queue_wait.labels(ns).observe(max(0.0, waited))
+        validation = self.validations.get(record.uid)
+        gpus = (validation[1].spec.resources.gpus or 0) if validation and validation[1].spec else 0
+        for pod in pods:
+            key = (record.uid, pod.name)
+            if gpus and pod.finished and key not in self.gpu_accounted:
+                ran = _seconds_between(pod.started_at or "", pod.finished_at or "")
+                if ran is not None:
+                    m.gpu_seconds.labels(ns).inc(gpus * max(0.0, ran))
+                self.gpu_accounted.add(key)
 
     async def _apply(self, record: Record, before: FineTuneJobStatus, decision: Decision) -> Decision:
         ns, ref = record.namespace, record.ref

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import kopf
@@ -55,6 +56,9 @@ async def start(settings: kopf.OperatorSettings, **_: Any) -> None:
 
     CONTROLLER = Controller(cfg, kube.Kube(kube.new_api_client(pool_size=32)), follower)
     CONTROLLER.start()
+    port = os.environ.get("FINETUNE_METRICS_PORT")
+    if port:  # Prometheus metrics (see metrics.py); the chart sets the port and adds a Service
+        CONTROLLER.metrics.serve(int(port))
 
 
 @kopf.on.cleanup()

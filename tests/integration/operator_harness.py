@@ -46,8 +46,9 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0, interva
 class OperatorProcess:
     """`python -m finetune_operator` as a subprocess, as it runs in its Deployment."""
 
-    def __init__(self, kubeconfig: str, config: dict[str, Any]) -> None:
+    def __init__(self, kubeconfig: str, config: dict[str, Any], env: dict[str, str] | None = None) -> None:
         self.kubeconfig = kubeconfig
+        self.env = dict(env or {})
         self.dir = Path(tempfile.mkdtemp(prefix="ftj-operator-"))
         self.config_path = self.dir / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
@@ -59,6 +60,7 @@ class OperatorProcess:
             **os.environ,
             "KUBECONFIG": self.kubeconfig,
             "FINETUNE_OPERATOR_CONFIG": str(self.config_path),
+            **self.env,
         }
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(

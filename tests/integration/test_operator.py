@@ -6,8 +6,10 @@ Each test names one behaviour from the operator's contract and fails when it bre
 from __future__ import annotations
 
 import copy
+import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -63,9 +65,18 @@ def kubelet_logs(kube_api: Any) -> Iterator[FakeKubeletLogs]:
     fake.close()
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+METRICS_PORT = _free_port()
+
+
 @pytest.fixture(scope="module")
 def operator(control_plane: Any, crd: None) -> Iterator[OperatorProcess]:
-    op = OperatorProcess(control_plane.kubeconfig, OPERATOR_CONFIG)
+    op = OperatorProcess(control_plane.kubeconfig, OPERATOR_CONFIG, env={"FINETUNE_METRICS_PORT": str(METRICS_PORT)})
     op.start()
     yield op
     op.stop()
@@ -477,3 +488,37 @@ def test_a_job_over_the_job_count_quota_is_queued_until_the_quota_changes(
     _quota(jobs, {"count/jobs.batch": "1"})
     jobs.wait_phase("q-jobs", "Pending", timeout=30)
     assert [j.metadata.name for j in jobs.k8s_jobs()] == ["q-jobs-trainer"]
+
+
+# --- observability ------------------------------------------------------------------------------------------
+
+
+def scrape() -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5).read().decode()
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+
+
+def test_metrics_count_jobs_by_phase_and_retries_by_cause(
+    operator: OperatorProcess, kubelet_logs: FakeKubeletLogs, jobs: Jobs
+) -> None:
+    jobs.create("m-bad", {**copy.deepcopy(VALID_SPEC), "output": {"uri": "gs://x/y"}})
+    jobs.create("m-retry", copy.deepcopy(VALID_SPEC))
+    jobs.wait_phase("m-bad", "Failed")
+    first = jobs.new_pod()
+    kubelet_logs.logs[(jobs.ns, first.metadata.name)] = ""
+    jobs.set_pod(first, "Failed", terminated={"exitCode": 143, "reason": "Error"})  # SIGTERM: an interruption
+    status = wait_for("interruption counted", lambda: (s := jobs.status("m-retry")).get("interruptions") == 1 and s)
+    assert status["failures"] == 0
+    ns = jobs.ns
+    got = wait_for(
+        "metrics",
+        lambda: (m := scrape()).get(f'finetune_retries_total{{cause="interruption",namespace="{ns}"}}') == 1.0 and m,
+    )
+    assert got[f'finetune_jobs{{namespace="{ns}",phase="Failed"}}'] == 1.0
+    assert got[f'finetune_transitions_total{{namespace="{ns}",phase="Failed"}}'] == 1.0
+    assert f'finetune_retries_total{{cause="failure",namespace="{ns}"}}' not in got
+    assert got["finetune_reconcile_duration_seconds_count"] >= 3
