@@ -22,6 +22,7 @@ MANAGER = "finetune-operator"
 CONFIG_MOUNT = "/etc/finetune"
 CONFIG_FILE = "job.yaml"
 WORKSPACE = "/workspace"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 TRAINER_UID = 1000
 TERMINATION_GRACE_SECONDS = 120
 INTERRUPTIONS_ALLOWED = 50  # evictions/preemptions before the Job controller itself gives up
@@ -206,13 +207,19 @@ def build_workload(
     }
     if rp.active_deadline_seconds:
         job_spec["activeDeadlineSeconds"] = rp.active_deadline_seconds
+    job_labels = labels(meta, "trainer")
+    if meta.get("queueName"):
+        # Kueue admits a Job by unsuspending it (Job.spec.suspend: Kubernetes 1.21+; older API servers drop the
+        # field and the Job starts at once). The operator shows the wait as phase Queued.
+        job_labels[KUEUE_QUEUE_LABEL] = meta["queueName"]
+        job_spec["suspend"] = True
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
             "name": workload_name(meta["name"]),
             "namespace": meta.get("namespace"),
-            "labels": labels(meta, "trainer"),
+            "labels": job_labels,
         },
         "spec": job_spec,
     }

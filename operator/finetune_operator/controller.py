@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from finetune_api.reports import Report, ReportKind
 from finetune_api.status import FineTuneJobStatus, Phase
 from finetune_operator import builders
+from finetune_operator.builders import KUEUE_QUEUE_LABEL
 from finetune_operator.config import OperatorConfig
 from finetune_operator.kube import REJECTED_STATUSES, Kube, api_message
 from finetune_operator.logfollow import LogFollower
@@ -65,6 +66,7 @@ class Record:
     status: dict[str, Any]
     deleting: bool
     created: str = ""
+    queue_name: str | None = None
 
     @classmethod
     def of(cls, body: Mapping[str, Any]) -> Record:
@@ -79,11 +81,12 @@ class Record:
             status=dict(body.get("status") or {}),
             deleting=bool(meta.get("deletionTimestamp")),
             created=str(meta.get("creationTimestamp") or ""),
+            queue_name=(meta.get("labels") or {}).get(KUEUE_QUEUE_LABEL),
         )
 
     @property
     def ref(self) -> JobRef:
-        return JobRef(self.namespace, self.name, self.uid, self.generation)
+        return JobRef(self.namespace, self.name, self.uid, self.generation, self.queue_name)
 
 
 def _newer(a: str, b: str) -> bool:

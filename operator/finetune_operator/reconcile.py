@@ -36,9 +36,18 @@ class JobRef:
     name: str
     uid: str
     generation: int | None
+    queue_name: str | None = None  # the FineTuneJob's kueue.x-k8s.io/queue-name label, passed to its Job
 
     def meta(self) -> dict[str, Any]:
-        return {"name": self.name, "namespace": self.namespace, "uid": self.uid, "generation": self.generation}
+        meta: dict[str, Any] = {
+            "name": self.name,
+            "namespace": self.namespace,
+            "uid": self.uid,
+            "generation": self.generation,
+        }
+        if self.queue_name:
+            meta["queueName"] = self.queue_name
+        return meta
 
 
 @dataclass(frozen=True)

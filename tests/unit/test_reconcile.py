@@ -192,3 +192,28 @@ def test_spec_size_limit() -> None:
     huge = {**SPEC, "evaluation": {"samplePrompts": ["x" * 1000] * (MAX_SPEC_BYTES // 1000 + 1)}}
     problem = spec_size_problem(huge)
     assert problem is not None and "KiB" in problem
+
+
+def test_a_kueue_queue_label_passes_to_a_suspended_job_shown_as_queued() -> None:
+    ref = JobRef("team-a", "qa", "uid-1", 1, queue_name="gpu-queue")
+    create = next(a for a in run(ref=ref).actions if isinstance(a, CreateWorkload))
+    assert create.job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert create.job["spec"]["suspend"] is True
+    assert "suspend" not in next(a for a in run().actions if isinstance(a, CreateWorkload)).job["spec"]
+    waiting = job_view({"metadata": {"name": "qa-trainer"}, "spec": {"suspend": True}, "status": {}})
+    d = run(status=run(ref=ref).status.dump(), obs=Observation(job=waiting), ref=ref)
+    assert (d.status.phase, d.status.reason) == ("Queued", "WaitingForQueue") and d.status.queued_since
+
+
+def test_a_pending_job_is_woken_when_its_start_deadline_passes() -> None:
+    unsched = pod_view(
+        {
+            "metadata": {"name": "p", "creationTimestamp": "2026-01-01T00:00:30Z"},
+            "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False"}]},
+        }
+    )
+    obs = Observation(job=job(active=1), pods=[unsched])
+    validation = validate_spec(copy.deepcopy(SPEC), OperatorConfig())
+    status = FineTuneJobStatus.model_validate(run().status.dump())
+    d = decide(REF, SPEC, status, obs, validation, image_pull_policy="Never", now=NOW, start_deadline_seconds=60)
+    assert d.status.phase == "Pending" and d.requeue_after is not None and 30 < d.requeue_after <= 31
