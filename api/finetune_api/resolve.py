@@ -110,19 +110,39 @@ class ResolvedJob(ApiModel):
 
 
 def _template_fields(field: str, text: str) -> tuple[set[str], list[Problem]]:
+    """The column names a template's {placeholders} use. A placeholder is a plain column name: attribute and
+    index access ({q.__class__}, {q[0]}), positional fields ({0}, {}), conversions ({q!r}) and format specs
+    ({q:>10}) are refused, so filling a template can only ever insert a row's values."""
     names: set[str] = set()
+    problems: list[Problem] = []
     try:
-        for _, name, spec, conv in string.Formatter().parse(text):
-            if name is None:
-                continue
-            if not name.isidentifier():
-                return names, [Problem("TemplateError", field, f"placeholder {{{name}}} is not a column name")]
-            if spec or conv:
-                return names, [Problem("TemplateError", field, f"placeholder {{{name}}} may not carry a format")]
-            names.add(name)
+        parsed = list(string.Formatter().parse(text))
     except ValueError as exc:
         return names, [Problem("TemplateError", field, f"{exc}; write literal braces as {{{{ and }}}}")]
-    return names, []
+    for _, name, spec, conv in parsed:
+        if name is None:
+            continue
+        shown = "{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+        if not name.isidentifier():
+            problems.append(
+                Problem(
+                    "TemplateError",
+                    field,
+                    f"placeholder {shown} is not a column name: write {{column}}; attribute and index access "
+                    "and positional fields are not allowed",
+                )
+            )
+        elif spec or conv:
+            problems.append(
+                Problem(
+                    "TemplateError",
+                    field,
+                    f"placeholder {shown} may not carry a conversion or format; write {{{name}}}",
+                )
+            )
+        else:
+            names.add(name)
+    return names, problems
 
 
 def _check_template(spec: FineTuneJobSpec) -> list[Problem]:

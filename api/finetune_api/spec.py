@@ -92,8 +92,10 @@ Uri = Annotated[
     str,
     Field(
         min_length=1,
-        description="A URI: s3://bucket/key, file:///absolute/path, or hf://org/name (only on clusters that "
-        "can reach a model hub).",
+        description="A URI: s3://bucket/key, file:///absolute/path (only where the platform allows it: in a "
+        "pod it names the pod's own files), or hf://org/name (only on clusters that can reach a model hub). "
+        "Path segments . and .. (also percent-encoded), empty segments, ? and # are refused; the platform may "
+        "limit the buckets and prefixes a job may use.",
     ),
 ]
 
@@ -104,7 +106,8 @@ class ModelSpec(ApiModel):
     uri: Uri = Field(
         description="Where the base model lives: s3://bucket/prefix/ or file:///path holding a Hugging Face "
         "model directory (config.json, weights, tokenizer files), or hf://org/name where a hub is reachable. "
-        "Remote code is never executed (trust_remote_code is always off)."
+        "Remote code is never executed (trust_remote_code is always off). The platform's policy may limit the "
+        "schemes (file:// is refused on clusters by default) and the locations."
     )
     tokenizer_uri: str | None = Field(
         default=None,
@@ -126,7 +129,9 @@ class Fields(ApiModel):
 
 
 class Template(ApiModel):
-    """Builds each training sample from dataset fields with Python-style {field} placeholders."""
+    """Builds each training sample from dataset fields with {field} placeholders: plain column names only
+    (no attribute or index access, positional fields, conversions or format specs); {{ and }} are literal
+    braces."""
 
     prompt: str = Field(
         description='The prompt part, e.g. "### Question:\\n{question}\\n### Answer:\\n". For seq2seq it '
@@ -330,15 +335,24 @@ class Resources(ApiModel):
     gpus: int | None = Field(default=None, ge=0, le=64, description="GPUs per pod. Default: platform policy.")
     gpu_resource_name: str | None = Field(
         default=None,
-        description="Extended resource name of a GPU. Default: platform policy (nvidia.com/gpu).",
+        description="Extended resource name of a GPU, from the platform's allowed list (by default "
+        "nvidia.com/gpu and amd.com/gpu; never cpu or memory). Default: platform policy (nvidia.com/gpu).",
     )
     cpu: Quantity | None = Field(default=None, description="CPU request and limit. Default: platform policy.")
     memory: Quantity | None = Field(default=None, description="Memory request and limit. Default: platform policy.")
     ephemeral_storage: Quantity | None = Field(
         default=None, description="Scratch space for the model cache. Default: platform policy."
     )
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pod must match.")
-    tolerations: list[Toleration] = Field(default_factory=list, description="Taints the pod tolerates.")
+    node_selector: dict[str, str] = Field(
+        default_factory=dict,
+        description="Node labels the pod must match, added to the platform's own; only the keys and values the "
+        "platform's policy allows (none by default).",
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list,
+        description="Taints the pod tolerates, added to the platform's own; only those the platform's policy "
+        "allows (none by default).",
+    )
 
 
 class EvaluationSpec(ApiModel):
@@ -382,7 +396,10 @@ class CheckpointSpec(ApiModel):
 class OutputSpec(ApiModel):
     """Where results go: checkpoints/, model/, report/ and manifest.json are written under this prefix."""
 
-    uri: Uri = Field(description="Prefix for all outputs, e.g. s3://models/my-job/.")
+    uri: Uri = Field(
+        description="Prefix for all outputs, e.g. s3://models/my-job/. Not file:// on clusters unless the "
+        "platform allows it (a pod's own files are lost when it ends)."
+    )
 
 
 class SecretKeyRef(ApiModel):
@@ -436,4 +453,8 @@ class FineTuneJobSpec(ApiModel):
     output: OutputSpec = Field(description="Where checkpoints, the model and the report go.")
     storage: StorageSpec = Field(default_factory=StorageSpec, description="Object-store access.")
     run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Retries, deadlines, cleanup.")
-    image: str | None = Field(default=None, description="Trainer image. Default: the operator's configured image.")
+    image: str | None = Field(
+        default=None,
+        description="Trainer image, under one of the platform's allowed image prefixes (matched by whole registry "
+        "and path segments) when it sets any. Default: the operator's configured image.",
+    )

@@ -2,8 +2,9 @@
 
 Both apply the operator's own validation (`finetune_operator.validation.validate_spec`), so a file that passes
 here passes in the cluster under the same policy. The local policy is the operator's built-in one with
-`gpus: 0` as the default (a laptop has no GPU to assume); `--policy FILE` checks against a platform's real
-policy instead (the operator's config file, e.g. from the Helm chart's ConfigMap).
+`gpus: 0` as the default (a laptop has no GPU to assume) and file:// URIs allowed (they name this machine's
+files; clusters refuse them by default); `--policy FILE` checks against a platform's real policy instead (the
+operator's config file, e.g. from the Helm chart's ConfigMap).
 
 `run` hands the trainer exactly what the operator would: the job with every default resolved, as a file.
 """
@@ -30,12 +31,35 @@ from finetune_operator.validation import ValidationResult, validate_spec
 
 
 def local_policy(path: str | None) -> OperatorConfig:
+    """The policy file's, exactly as the cluster applies it; without one, the operator's built-in policy for a
+    workstation: no GPU assumed, and file:// allowed (see :func:`allowing_local_files`)."""
     if path:
         try:
             return load_config(path)
         except (OSError, ValueError) as exc:
             raise CliError(f"policy file {path}: {exc}") from None
-    return OperatorConfig(defaults=Defaults(gpus=0))
+    return allowing_local_files(OperatorConfig(defaults=Defaults(gpus=0)))
+
+
+def _with_file(limits: dict[str, Any]) -> dict[str, Any]:
+    out = dict(limits)
+    if "allowedUriSchemes" in out and "file" not in out["allowedUriSchemes"]:
+        out["allowedUriSchemes"] = [*out["allowedUriSchemes"], "file"]
+    if isinstance(out.get("allowedUris"), dict):
+        out["allowedUris"] = {k: [*v, "file:///"] if v else v for k, v in out["allowedUris"].items()}
+    return out
+
+
+def allowing_local_files(policy: OperatorConfig) -> OperatorConfig:
+    """``policy`` with file:// URIs allowed everywhere, for training on this machine (`finetune run`).
+
+    Clusters refuse file:// by default because inside a pod it names the pod's own filesystem; here it names
+    this machine's files, which is the point of a local run. Every other rule of the policy still applies."""
+    data = policy.model_dump(by_alias=True)
+    data["limits"] = _with_file(data["limits"])
+    for tenant in data["tenants"].values():
+        tenant["limits"] = _with_file(tenant["limits"])
+    return OperatorConfig.model_validate(data)
 
 
 def load_job_file(path: str | Path) -> dict[str, Any]:

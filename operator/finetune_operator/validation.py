@@ -13,13 +13,13 @@ import difflib
 import re
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from pydantic import ValidationError
 
 from finetune_api.resolve import Problem, SpecError, check_spec, resolve_spec
-from finetune_api.spec import FineTuneJobSpec, MethodType, Toleration
-from finetune_operator.config import OperatorConfig
+from finetune_api.spec import FineTuneJobSpec, MethodType, Resources, Toleration
+from finetune_operator.config import OperatorConfig, is_vendor_resource
 from finetune_operator.quantity import QuantityError, parse_quantity
 
 
@@ -43,6 +43,12 @@ class ValidationResult:
 
 _DATA_EXTENSIONS = re.compile(r"\.(jsonl|ndjson|json|csv|tsv|txt)(\.gz)?$|\.(parquet|pq)$", re.IGNORECASE)
 _LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")
+# Image references (the distribution/reference grammar): [REGISTRY[:PORT]/]PATH[:TAG][@DIGEST].
+_REGISTRY = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*(:[0-9]+)?$")
+_COMPONENT = re.compile(r"^[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*$")
+_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_DIGEST = re.compile(r"^[A-Za-z][A-Za-z0-9]*([-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}$")
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:
@@ -84,7 +90,58 @@ def _known_siblings(loc: tuple[int | str, ...]) -> list[str]:
     return [f.alias or n for n, f in model.model_fields.items()]
 
 
-def _check_uri(field: str, uri: str | None, schemes: set[str], allowed: list[str]) -> list[Problem]:
+def _segments(path: str) -> list[str]:
+    """The segments of a URI path: one leading and one trailing slash are not segments."""
+    parts = path.split("/")
+    if path.startswith("/"):
+        parts = parts[1:]
+    if parts and parts[-1] == "":
+        parts = parts[:-1]
+    return parts
+
+
+def _decoded(segment: str) -> str:
+    """A segment with percent-encoding undone, repeatedly (%252e%252e -> %2e%2e -> ..)."""
+    for _ in range(4):
+        plain = unquote(segment)
+        if plain == segment:
+            break
+        segment = plain
+    return segment
+
+
+def _path_problem(field: str, uri: str, path: str) -> list[Problem]:
+    """``..``, ``.`` and empty segments (also percent-encoded, or hidden behind an encoded slash) are refused:
+    they would step outside the prefix the policy checked, on S3 keys and file paths alike."""
+    for segment in _segments(path):
+        plain = _decoded(segment)
+        if segment == "":
+            what = "an empty path segment (//)"
+        elif plain in (".", ".."):
+            what = f"the path segment {segment!r}"
+        elif "/" in plain or "\\" in plain:
+            what = f"an encoded slash in the path segment {segment!r}"
+        elif any(ord(c) < 32 or ord(c) == 127 for c in plain):
+            what = f"a control character in the path segment {segment!r}"
+        else:
+            continue
+        return [Problem("InvalidURI", field, f"{uri!r} has {what}; . and .. and empty segments are refused")]
+    return []
+
+
+def _under(uri: str, prefix: str) -> bool:
+    """Whether ``uri`` lies under ``prefix`` by whole segments: s3://data/ admits s3://data/x, never
+    s3://data-evil/x; s3://data/team-a admits s3://data/team-a/x, never s3://data/team-a-b/x. Segments are
+    compared as written (an S3 key is not percent-decoded), so an encoded spelling never sneaks past."""
+    u, p = urlparse(uri), urlparse(prefix)
+    if u.scheme != p.scheme or u.netloc != p.netloc:
+        return False
+    want = _segments(p.path)
+    return _segments(u.path)[: len(want)] == want
+
+
+def _check_uri(field: str, uri: str | None, schemes: set[str], cfg: OperatorConfig, kind: str) -> list[Problem]:
+    """A URI of one ``kind`` (model, data or output): its form, the platform's schemes and its locations."""
     if uri is None:
         return []
     parsed = urlparse(uri)
@@ -92,8 +149,8 @@ def _check_uri(field: str, uri: str | None, schemes: set[str], allowed: list[str
     if scheme not in schemes:
         want = ", ".join(f"{s}://" for s in sorted(schemes))
         return [Problem("InvalidURI", field, f"{uri!r} must start with one of {want}")]
-    if scheme not in allowed:
-        return [Problem("PolicyViolation", field, f"{scheme}:// URIs are not allowed on this platform")]
+    if parsed.query or parsed.fragment or "?" in uri or "#" in uri:
+        return [Problem("InvalidURI", field, f"{uri!r} may not contain ? or #")]
     if scheme == "s3" and not parsed.netloc:
         return [Problem("InvalidURI", field, f"{uri!r} names no bucket; write s3://BUCKET/KEY")]
     if scheme == "s3" and not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", parsed.netloc):
@@ -102,6 +159,26 @@ def _check_uri(field: str, uri: str | None, schemes: set[str], allowed: list[str
         return [Problem("InvalidURI", field, f"{uri!r} must be an absolute path: file:///path")]
     if scheme == "hf" and not (parsed.netloc and parsed.path.strip("/")):
         return [Problem("InvalidURI", field, f"{uri!r} must look like hf://ORG/NAME")]
+    bad = _path_problem(field, uri, ("/" + parsed.netloc if scheme == "hf" else "") + parsed.path)
+    if bad:
+        return bad
+    if scheme not in cfg.limits.allowed_uri_schemes:
+        why = (
+            ": in a trainer pod a file:// path is the pod's own filesystem (an output there is lost when the pod "
+            "ends; an input reads the image's files); use s3://"
+            if scheme == "file"
+            else ""
+        )
+        return [Problem("PolicyViolation", field, f"{scheme}:// URIs are not allowed on this platform{why}")]
+    allowed: list[str] = getattr(cfg.limits.allowed_uris, kind)
+    if allowed and not any(_under(uri, prefix) for prefix in allowed):
+        return [
+            Problem(
+                "PolicyViolation",
+                field,
+                f"{uri!r} is outside the {kind} locations this platform allows: {', '.join(allowed)}",
+            )
+        ]
     return []
 
 
@@ -164,13 +241,6 @@ def _check_compute(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Problem]:
                     f"{value} exceeds this platform's limit {limit}",
                 )
             )
-    if res.gpu_resource_name and not _LABEL_KEY.match(res.gpu_resource_name):
-        problems.append(Problem("InvalidResources", "spec.resources.gpuResourceName", "must look like vendor.com/gpu"))
-    for key in res.node_selector:
-        if not _LABEL_KEY.match(key):
-            problems.append(
-                Problem("InvalidResources", "spec.resources.nodeSelector", f"{key!r} is not a valid label key")
-            )
     rp, limit_deadline = spec.run_policy, cfg.limits.max_active_deadline_seconds
     if limit_deadline and (rp.active_deadline_seconds or limit_deadline + 1) > limit_deadline:
         problems.append(
@@ -180,15 +250,140 @@ def _check_compute(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Problem]:
                 f"must be set and at most {limit_deadline} on this platform",
             )
         )
-    prefixes = cfg.limits.allowed_image_prefixes
-    if spec.image and prefixes and not any(spec.image.startswith(p) for p in prefixes):
-        problems.append(Problem("PolicyViolation", "spec.image", f"images must come from: {', '.join(prefixes)}"))
+    problems += _check_image(spec.image, cfg)
     return problems
+
+
+def _repository(image: str) -> list[str] | None:
+    """The repository path segments of an image reference (tag and digest cut off); None when malformed."""
+    name, _, digest = image.partition("@")
+    if digest and not _DIGEST.match(digest):
+        return None
+    head, _, last = name.rpartition("/")
+    if ":" in last:
+        last, _, tag = last.partition(":")
+        if not _TAG.match(tag):
+            return None
+    segments = [*(head.split("/") if head else []), last]
+    first, rest = (segments[0], segments[1:]) if len(segments) > 1 else (None, segments)
+    if first is not None and not (_REGISTRY.match(first) or _COMPONENT.match(first)):
+        return None
+    if not rest or not all(_COMPONENT.match(seg) for seg in rest):
+        return None
+    return segments
+
+
+def _image_allowed(segments: list[str], prefix: str) -> bool:
+    """Whole segments: registry.corp admits registry.corp/x but neither registry.corp.attacker.io/x nor
+    registry.corp:5000/x (list that port to allow it); registry.corp/team/ admits only images below team/;
+    registry.corp/team/img admits that repository (any tag) and those below it."""
+    want = prefix.removesuffix("/").split("/")
+    below = prefix.endswith("/") or len(want) == 1  # one segment names a registry: never an image by itself
+    return segments[: len(want)] == want and (len(segments) > len(want) or not below)
+
+
+def _check_image(image: str | None, cfg: OperatorConfig) -> list[Problem]:
+    if not image:
+        return []
+    segments = _repository(image)
+    if segments is None:
+        return [Problem("InvalidField", "spec.image", f"{image!r} is not an image reference (REGISTRY/PATH:TAG)")]
+    prefixes = cfg.limits.allowed_image_prefixes
+    if image != cfg.defaults.image and prefixes and not any(_image_allowed(segments, p) for p in prefixes):
+        return [Problem("PolicyViolation", "spec.image", f"images must come from: {', '.join(prefixes)}")]
+    return []
+
+
+def _tolerates_at_least(allowed: Toleration, wanted: Toleration) -> bool:
+    """Whether ``allowed`` tolerates every taint that ``wanted`` tolerates (Kubernetes' matching rules)."""
+    allowed_op, wanted_op = allowed.operator or "Equal", wanted.operator or "Equal"
+    if allowed.key and allowed.key != wanted.key:
+        return False
+    if not allowed.key and allowed_op != "Exists":
+        return False  # an empty key with Equal tolerates nothing useful; never a wildcard
+    if allowed_op == "Equal" and (wanted_op != "Equal" or (allowed.value or "") != (wanted.value or "")):
+        return False
+    if allowed.effect and allowed.effect != wanted.effect:
+        return False
+    limit = allowed.toleration_seconds
+    return limit is None or (wanted.toleration_seconds is not None and wanted.toleration_seconds <= limit)
+
+
+def _check_placement(tenant: Resources, cfg: OperatorConfig) -> list[Problem]:
+    """The tenant's own tolerations, node labels and GPU resource name: only what the policy lists."""
+    problems = []
+    platform_tolerations = [Toleration.model_validate(t) for t in cfg.defaults.tolerations]
+    admitted = [*cfg.limits.allowed_tolerations, *platform_tolerations]
+    for i, t in enumerate(tenant.tolerations):
+        if not any(_tolerates_at_least(a, t) for a in admitted):
+            every = not t.key and t.operator == "Exists"
+            shown = "every taint (no key with operator Exists)" if every else _toleration_text(t)
+            problems.append(
+                Problem(
+                    "PolicyViolation",
+                    f"spec.resources.tolerations[{i}]",
+                    f"this platform does not let jobs tolerate {shown}; allowed: "
+                    f"{', '.join(_toleration_text(a) for a in admitted) or 'none'}",
+                )
+            )
+    for key, value in tenant.node_selector.items():
+        if not _LABEL_KEY.match(key) or len(key.rpartition("/")[2]) > 63:
+            problems.append(
+                Problem("InvalidResources", "spec.resources.nodeSelector", f"{key!r} is not a valid label key")
+            )
+        elif not _LABEL_VALUE.match(value):
+            problems.append(
+                Problem("InvalidResources", f"spec.resources.nodeSelector.{key}", f"{value!r} is not a label value")
+            )
+        elif cfg.defaults.node_selector.get(key) != value and not (
+            {value, "*"} & set(cfg.limits.allowed_node_selector.get(key, []))
+        ):
+            problems.append(
+                Problem(
+                    "PolicyViolation",
+                    f"spec.resources.nodeSelector.{key}",
+                    f"this platform does not let jobs select nodes by {key}={value}; allowed: "
+                    f"{_listed(cfg.limits.allowed_node_selector)}",
+                )
+            )
+    name = tenant.gpu_resource_name
+    if name is not None and not is_vendor_resource(name):
+        problems.append(
+            Problem(
+                "InvalidResources",
+                "spec.resources.gpuResourceName",
+                f"{name!r} is not a GPU: use a device vendor's resource such as nvidia.com/gpu (cpu and memory "
+                "are set with resources.cpu and resources.memory)",
+            )
+        )
+    elif (
+        name is not None
+        and name != cfg.defaults.gpu_resource_name
+        and name not in cfg.limits.allowed_gpu_resource_names
+    ):
+        allowed = sorted({cfg.defaults.gpu_resource_name, *cfg.limits.allowed_gpu_resource_names})
+        problems.append(
+            Problem(
+                "PolicyViolation",
+                "spec.resources.gpuResourceName",
+                f"{name} is not allowed on this platform; allowed: {', '.join(allowed)}",
+            )
+        )
+    return problems
+
+
+def _toleration_text(t: Toleration) -> str:
+    return "{" + ", ".join(f"{k}: {v}" for k, v in t.dump().items()) + "}"
+
+
+def _listed(value: object) -> str:
+    return str(value) if value else "none"
 
 
 def apply_platform_defaults(spec: FineTuneJobSpec, cfg: OperatorConfig) -> FineTuneJobSpec:
     """Fill the values the platform team owns (image, resources, storage endpoint) where the tenant left them."""
     d = cfg.defaults
+    platform = [Toleration.model_validate(t) for t in d.tolerations]
     res = spec.resources.model_copy(
         update={
             "gpus": d.gpus if spec.resources.gpus is None else spec.resources.gpus,
@@ -197,8 +392,9 @@ def apply_platform_defaults(spec: FineTuneJobSpec, cfg: OperatorConfig) -> FineT
             "memory": spec.resources.memory if spec.resources.memory is not None else d.memory,
             "ephemeral_storage": spec.resources.ephemeral_storage or d.ephemeral_storage,
             "node_selector": {**d.node_selector, **spec.resources.node_selector},
-            # The platform's tolerations (e.g. for a tainted GPU pool) first, then the tenant's own.
-            "tolerations": [Toleration.model_validate(t) for t in d.tolerations] + list(spec.resources.tolerations),
+            # The platform's tolerations (e.g. for a tainted GPU pool) first, then the tenant's own (only those
+            # the policy allows pass validation).
+            "tolerations": platform + [t for t in spec.resources.tolerations if t not in platform],
         }
     )
     storage = spec.storage.model_copy(
@@ -220,17 +416,19 @@ def validate_spec(raw: dict[str, Any], cfg: OperatorConfig) -> ValidationResult:
     except ValidationError as err:
         return ValidationResult(None, _schema_problems(raw, err))
     spec = apply_platform_defaults(parsed, cfg)
-    schemes = set(cfg.limits.allowed_uri_schemes)
-    data_schemes = {"s3", "file"}
+    kinds = (
+        ("spec.model.uri", spec.model.uri, {"s3", "file", "hf"}, "model"),
+        ("spec.model.tokenizerUri", spec.model.tokenizer_uri, {"s3", "file", "hf"}, "model"),
+        ("spec.dataset.train", spec.dataset.train, {"s3", "file"}, "data"),
+        ("spec.dataset.validation", spec.dataset.validation, {"s3", "file"}, "data"),
+        ("spec.output.uri", spec.output.uri, {"s3", "file"}, "output"),
+    )
     problems = [
-        *_check_uri("spec.model.uri", spec.model.uri, {"s3", "file", "hf"}, list(schemes)),
-        *_check_uri("spec.model.tokenizerUri", spec.model.tokenizer_uri, {"s3", "file", "hf"}, list(schemes)),
-        *_check_uri("spec.dataset.train", spec.dataset.train, data_schemes, list(schemes)),
-        *_check_uri("spec.dataset.validation", spec.dataset.validation, data_schemes, list(schemes)),
-        *_check_uri("spec.output.uri", spec.output.uri, data_schemes, list(schemes)),
+        *(p for field, uri, schemes, kind in kinds for p in _check_uri(field, uri, schemes, cfg, kind)),
         *_check_format(spec),
         *check_spec(spec),
         *_check_compute(spec, cfg),
+        *_check_placement(parsed.resources, cfg),
     ]
     if spec.storage.endpoint and urlparse(spec.storage.endpoint).scheme not in ("http", "https"):
         problems.append(Problem("InvalidURI", "spec.storage.endpoint", "must be an http:// or https:// URL"))

@@ -145,8 +145,17 @@ def test_every_policy_value_reaches_the_operator(helm: str, tmp_path: Path) -> N
             "allowedMethods": ["lora"],
             "allowedImagePrefixes": ["registry.example.com/ml/"],
             "allowedUriSchemes": ["s3"],
+            "allowedUris": {"model": ["s3://models/"], "data": ["s3://data/", "s3://shared/team-a"], "output": []},
+            "allowedTolerations": [{"key": "spot", "operator": "Exists", "effect": "NoSchedule"}],
+            "allowedNodeSelector": {"gpu-type": ["a100", "h100"], "zone": ["*"]},
+            "allowedGpuResourceNames": ["nvidia.com/gpu", "gpu.intel.com/i915"],
         },
-        "tenants": {"research": {"limits": {"maxGpusPerJob": 16}, "defaults": {"gpus": 4}}},
+        "tenants": {
+            "research": {
+                "limits": {"maxGpusPerJob": 16, "allowedUris": {"data": ["s3://research/"]}},
+                "defaults": {"gpus": 4},
+            }
+        },
         "pollSeconds": 1.5,
         "logTailLines": 1000,
     }
@@ -154,6 +163,12 @@ def test_every_policy_value_reaches_the_operator(helm: str, tmp_path: Path) -> N
     assert cfg.model_dump(by_alias=True) == OperatorConfig.model_validate(policy).model_dump(by_alias=True)
     research = cfg.for_namespace("research")
     assert (research.limits.max_gpus_per_job, research.defaults.gpus, research.limits.max_cpu) == (16, 4, "16")
+    # A tenant's allowedUris replaces only the kinds it names.
+    assert research.limits.allowed_uris.model_dump() == {
+        "model": ["s3://models/"],
+        "data": ["s3://research/"],
+        "output": [],
+    }
 
 
 def deployment_image(docs: list[dict[str, Any]]) -> str:
@@ -264,6 +279,14 @@ def test_values_schema_matches_the_config_model(model: type[BaseModel], pointer:
         (["--set", "trainerImage.repo=x"], "Additional property repo is not allowed"),
         (["--set", "cleanupOnUninstall.enable=false"], "Additional property enable is not allowed"),
         (["--set", "cleanupOnUninstall.timeoutSeconds=0"], "cleanupOnUninstall.timeoutSeconds"),
+        (["--set", "policy.defaults.gpuResourceName=cpu"], "policy.defaults.gpuResourceName"),
+        (["--set", "policy.limits.allowedGpuResourceNames={nvidia.com/gpu,memory}"], "allowedGpuResourceNames"),
+        (["--set", "policy.limits.allowedGpuResourceNames={kubernetes.io/gpu}"], "allowedGpuResourceNames"),
+        (["--set", "policy.limits.allowedUris.data={data/}"], "policy.limits.allowedUris.data"),
+        (["--set", "policy.limits.allowedUris.output={s3://out/?x}"], "policy.limits.allowedUris.output"),
+        (["--set", "policy.limits.allowedUris.logs={s3://logs/}"], "Additional property logs is not allowed"),
+        (["--set", "policy.limits.allowedTolerations[0].operator=Any"], "allowedTolerations"),
+        (["--set", "policy.tenants.team-a.limits.allowedUris.model={ftp://m/}"], "allowedUris.model"),
     ],
 )
 def test_schema_rejects_invalid_values(helm: str, flags: list[str], message: str) -> None:

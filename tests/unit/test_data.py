@@ -662,3 +662,77 @@ def test_dataset_hash_tracks_file_content(tmp_path: Path, gpt_tok: Any) -> None:
     write_jsonl(path, [{"text": "alpha gamma"}] * 4)
     assert prepare_data(spec, gpt_tok, path, None).stats["dataset_sha256"] != first["dataset_sha256"]
     assert first["train_rows_read"] == 4 and first["train_tokens"] > 0
+
+
+# ---- empty files and template safety --------------------------------------------------------------------------
+
+
+def _empty_files(root: Path) -> dict[str, Path]:
+    files = {name: root / name for name in ("zero.jsonl", "zero.csv", "zero.json", "zero.txt", "zero.parquet")}
+    for path in files.values():
+        path.write_bytes(b"")
+    files["blank.jsonl"] = root / "blank.jsonl"
+    files["blank.jsonl"].write_text("\n  \n\r\n")
+    files["bom.json"] = root / "bom.json"
+    files["bom.json"].write_bytes(b"\xef\xbb\xbf\n")
+    files["list.json"] = root / "list.json"
+    files["list.json"].write_text("[]")
+    files["data.json"] = root / "data.json"
+    files["data.json"].write_text('{"data": []}')
+    files["header.csv"] = write_csv(root / "header.csv", ["text", "label"], [])
+    files["rows.parquet"] = root / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist([], schema=pa.schema([("text", pa.string())])), files["rows.parquet"])
+    files["zero.jsonl.gz"] = root / "zero.jsonl.gz"
+    with gzip.open(files["zero.jsonl.gz"], "wb"):
+        pass
+    return files
+
+
+def test_an_empty_dataset_file_is_refused_as_empty(tmp_path: Path, gpt_tok: Any) -> None:
+    """The measured bug: an empty file was refused with a message about a missing template column."""
+    for name, path in _empty_files(tmp_path).items():
+        spec = spec_for("instruction", f"s3://data/{name}", template=QA_TEMPLATE)
+        with pytest.raises(DataError) as exc:
+            prepare_data(spec, gpt_tok, path, None)
+        msg = str(exc.value)
+        assert msg.startswith(f"s3://data/{name}: the file is empty"), (name, msg)
+        assert "column" not in msg and "template" not in msg, (name, msg)
+
+
+def test_an_empty_validation_file_is_refused_as_empty(tmp_path: Path, gpt_tok: Any) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "one sample"}, {"text": "two samples"}])
+    (tmp_path / "val.jsonl").write_text("")
+    spec = spec_for("causal-lm", train, validation="s3://data/val.jsonl")
+    with pytest.raises(DataError, match=r"^s3://data/val\.jsonl: the file is empty \(0 bytes\)"):
+        prepare_data(spec, gpt_tok, train, tmp_path / "val.jsonl")
+
+
+@pytest.mark.parametrize(
+    "placeholder",
+    ["{question.__class__.__mro__}", "{question.__class__}", "{0}", "{}", "{question[0]}", "{question!r}"],
+)
+def test_the_trainer_never_formats_attribute_or_index_access(tmp_path: Path, gpt_tok: Any, placeholder: str) -> None:
+    """Even when validation was bypassed (a hand-written job file), a template only ever inserts row values."""
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}])
+    spec = spec_for("instruction", path, template=QA_TEMPLATE)
+    assert spec.dataset.template is not None
+    bad = spec.dataset.template.model_copy(update={"prompt": f"Q: {placeholder} {{question}}\nA: "})
+    spec = spec.model_copy(update={"dataset": spec.dataset.model_copy(update={"template": bad})})
+    with pytest.raises(DataError) as exc:
+        prepare_data(spec, gpt_tok, path, None)
+    msg = str(exc.value)
+    assert "dataset.template.prompt" in msg and placeholder in msg and "not a plain column name" in msg
+    assert "<class" not in msg
+
+
+def test_template_filling_is_plain_substitution() -> None:
+    from finetune_trainer.formats import fill_template, template_fields
+
+    row = {"q": "What is {x}?", "n": 3, "none": None}
+    assert fill_template("{{q}}: {q} #{n} {none}", row) == "{q}: What is {x}? #3 None"  # values are never re-parsed
+    assert template_fields("{q} {n} {q}") == ("q", "n")
+    with pytest.raises(KeyError):
+        fill_template("{missing}", row)
+    for bad in ("{q.upper}", "{q[0]}", "{0}", "{q:>9}", "{q!a}", "{q"):
+        with pytest.raises(ValueError):
+            fill_template(bad, row)

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from finetune_api.resolve import SpecError, resolve_spec
+from finetune_api.resolve import SpecError, check_spec, resolve_spec
 from finetune_api.spec import FineTuneJobSpec
 from finetune_operator.builders import build_workload
 from finetune_operator.config import OperatorConfig
@@ -38,6 +38,17 @@ from finetune_trainer.tiny_models import build_tokenizer
 from finetune_trainer.train import early_stopping, generation_kwargs, training_arguments
 
 META = {"name": "walk", "namespace": "team", "uid": "u-1", "generation": 1}
+# The walk observes what each field does, so its policy lets every placement and file:// URI through (what the
+# policy refuses is tested in test_validation).
+WALK_POLICY = OperatorConfig.model_validate(
+    {
+        "limits": {
+            "allowedUriSchemes": ["s3", "file", "hf"],
+            "allowedTolerations": [{"operator": "Exists"}],
+            "allowedNodeSelector": {"pool": ["*"]},
+        }
+    }
+)
 BASE: dict[str, Any] = {
     "model": {"uri": "s3://models/tiny/"},
     "task": "causal-lm",
@@ -237,7 +248,7 @@ def _local(uri: str | None, root: Path) -> Path | None:
 
 def observe(raw: dict[str, Any], root: Path, tok: Any) -> dict[str, Any]:
     """Everything the platform derives from a spec, as plain data."""
-    result = validate_spec(raw, OperatorConfig())
+    result = validate_spec(raw, WALK_POLICY)
     assert result.ok and result.spec is not None, result.message
     job = resolve_spec(result.spec)
     spec, training = job.spec, job.training
@@ -299,7 +310,7 @@ def test_the_walk_detects_a_change_that_changes_nothing(change: dict[str, Any], 
 def test_resolving_is_idempotent(path: str) -> None:
     """The trainer resolves the operator's resolved spec again and must get exactly the same job."""
     context, change = CASES[path]
-    result = validate_spec(_apply(_apply(BASE, context), change), OperatorConfig())
+    result = validate_spec(_apply(_apply(BASE, context), change), WALK_POLICY)
     assert result.spec is not None, result.message
     once = resolve_spec(result.spec)
     again = resolve_spec(FineTuneJobSpec.model_validate(once.spec.dump()))
@@ -309,7 +320,7 @@ def test_resolving_is_idempotent(path: str) -> None:
 def test_instruction_packing_is_resolved_and_kept() -> None:
     """The measured bug: packing: true for instruction was accepted, recorded, and not done."""
     raw = _apply(BASE, {**INSTRUCTION, "hyperparameters.packing": True})
-    result = validate_spec(raw, OperatorConfig())
+    result = validate_spec(raw, WALK_POLICY)
     assert result.spec is not None, result.message
     training = resolve_spec(result.spec).training
     assert training.packing is True and training.block_size == 512
@@ -329,3 +340,33 @@ def test_problems_are_typed_and_all_reported() -> None:
         ("spec.hyperparameters.blockSize", "UnsupportedCombination"),
         ("spec.method.rank", "UnsupportedCombination"),
     }
+
+
+@pytest.mark.parametrize(
+    "placeholder",
+    [
+        "{question.__class__}",
+        "{question.__init__.__globals__}",
+        "{0}",
+        "{}",
+        "{q[0]}",
+        "{question!r}",
+        "{question:>10}",
+    ],
+)
+def test_template_placeholders_are_plain_column_names(placeholder: str) -> None:
+    """Attribute and index access, positional fields, conversions and format specs: TemplateError naming it."""
+    raw = _apply(BASE, {**INSTRUCTION, "dataset.template": {"prompt": f"Q: {placeholder}\n", "response": "{answer}"}})
+    problems = check_spec(FineTuneJobSpec.model_validate(raw))
+    assert [(p.reason, p.field) for p in problems] == [("TemplateError", "spec.dataset.template.prompt")]
+    assert placeholder in problems[0].message
+    with pytest.raises(SpecError):
+        resolve_spec(FineTuneJobSpec.model_validate(raw))
+
+
+def test_every_bad_placeholder_is_reported_and_plain_names_pass() -> None:
+    template = {"prompt": "{a.b} {c[1]} {question} {{literal}}", "response": "{answer!s}"}
+    problems = check_spec(FineTuneJobSpec.model_validate(_apply(BASE, {**INSTRUCTION, "dataset.template": template})))
+    assert sorted(p.message.split(" ")[1] for p in problems) == ["{a.b}", "{answer!s}", "{c[1]}"]
+    fine = {"prompt": "{question} {{literal}} {_x1}", "response": "{answer}"}
+    assert check_spec(FineTuneJobSpec.model_validate(_apply(BASE, {**INSTRUCTION, "dataset.template": fine}))) == []

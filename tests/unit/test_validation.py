@@ -213,8 +213,273 @@ def test_tenant_overrides_apply_only_to_their_namespace() -> None:
 
 def test_platform_tolerations_are_added_to_the_tenants() -> None:
     gpu_pool = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
-    cfg = OperatorConfig.model_validate({"defaults": {"tolerations": [gpu_pool]}})
     own = {"key": "team", "operator": "Equal", "value": "a", "effect": "NoSchedule"}
+    cfg = OperatorConfig.model_validate(
+        {"defaults": {"tolerations": [gpu_pool]}, "limits": {"allowedTolerations": [own]}}
+    )
     result = validate_spec(spec_with(resources__tolerations=[own]), cfg)
     assert result.spec is not None
     assert [t.key for t in result.spec.resources.tolerations] == ["nvidia.com/gpu", "team"]
+
+
+# ---- URI policy ----------------------------------------------------------------------------------------------
+
+URI_POLICY = OperatorConfig.model_validate(
+    {
+        "limits": {
+            "allowedUris": {
+                "model": ["s3://models/"],
+                "data": ["s3://data/", "s3://team-a-data/shared"],
+                "output": ["s3://out/"],
+            }
+        },
+        "tenants": {"team-b": {"limits": {"allowedUris": {"data": ["s3://team-b-data/"]}}}},
+    }
+)
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"dataset__train": "s3://data-evil/qa.jsonl"}, "spec.dataset.train"),  # a bucket that merely starts alike
+        ({"dataset__train": "s3://team-a-data/shared-evil/qa.jsonl"}, "spec.dataset.train"),  # a key prefix alike
+        ({"dataset__train": "s3://team-a-data/qa.jsonl"}, "spec.dataset.train"),  # above the allowed prefix
+        ({"dataset__validation": "s3://out/qa.jsonl"}, "spec.dataset.validation"),  # output bucket is not data
+        ({"model__uri": "s3://data/tiny/"}, "spec.model.uri"),
+        ({"model__tokenizerUri": "s3://elsewhere/tok/"}, "spec.model.tokenizerUri"),
+        ({"model__uri": "hf://org/model"}, "spec.model.uri"),
+        ({"output__uri": "s3://outside/job/"}, "spec.output.uri"),
+    ],
+)
+def test_uris_outside_the_allowed_locations_are_refused(changes: dict[str, Any], field: str) -> None:
+    result = validate_spec(spec_with(**changes), URI_POLICY)
+    assert [(p.reason, p.field) for p in result.problems] == [("PolicyViolation", field)], result.message
+    assert "locations this platform allows" in result.message
+
+
+def test_uris_under_the_allowed_locations_pass() -> None:
+    spec = spec_with(
+        model__uri="s3://models/tiny/",
+        model__tokenizerUri="s3://models/tok/",
+        dataset__train="s3://team-a-data/shared/deep/qa.jsonl",
+        dataset__validation="s3://data/val.jsonl",
+        output__uri="s3://out",
+    )
+    result = validate_spec(spec, URI_POLICY)
+    assert result.ok, result.message
+
+
+def test_a_tenant_overrides_one_kind_of_location_and_keeps_the_others() -> None:
+    team_b = URI_POLICY.for_namespace("team-b")
+    assert validate_spec(spec_with(dataset__train="s3://team-b-data/qa.jsonl"), team_b).ok
+    refused = validate_spec(spec_with(dataset__train="s3://data/qa.jsonl"), team_b)
+    assert [p.field for p in refused.problems] == ["spec.dataset.train"]
+    # The platform's model and output lists still apply to team-b.
+    outside = validate_spec(spec_with(dataset__train="s3://team-b-data/qa.jsonl", output__uri="s3://x/y/"), team_b)
+    assert [p.field for p in outside.problems] == ["spec.output.uri"]
+    assert not validate_spec(spec_with(dataset__train="s3://team-b-data/qa.jsonl"), URI_POLICY).ok
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "s3://data/a/../qa.jsonl",
+        "s3://data/../qa.jsonl",
+        "s3://data/./qa.jsonl",
+        "s3://data/a//qa.jsonl",
+        "s3://data/a/%2e%2e/qa.jsonl",
+        "s3://data/a/%2E./qa.jsonl",
+        "s3://data/a/%252e%252e/qa.jsonl",  # encoded twice
+        "s3://data/a%2f..%2fb/qa.jsonl",  # an encoded slash hides a .. segment
+        "s3://data/a?b=/qa.jsonl",  # the trainer would read key "a"
+        "s3://data/a#/../qa.jsonl",
+    ],
+)
+def test_dot_segments_and_their_encodings_are_refused_in_every_uri(uri: str) -> None:
+    for field, key in (
+        ("spec.dataset.train", "dataset__train"),
+        ("spec.output.uri", "output__uri"),
+        ("spec.model.uri", "model__uri"),
+    ):
+        result = validate_spec(spec_with(**{key: uri}), OperatorConfig())
+        assert [(p.reason, p.field) for p in result.problems] == [("InvalidURI", field)], result.message
+
+
+def test_dot_segments_are_refused_in_file_and_hf_uris_too() -> None:
+    policy = OperatorConfig.model_validate({"limits": {"allowedUriSchemes": ["s3", "file", "hf"]}})
+    for key, uri in (("output__uri", "file:///scratch/../etc/"), ("model__uri", "hf://org/../other")):
+        result = validate_spec(spec_with(**{key: uri}), policy)
+        assert [p.reason for p in result.problems] == ["InvalidURI"], result.message
+
+
+def test_file_uris_are_refused_on_clusters_by_default() -> None:
+    for key in ("model__uri", "dataset__train", "output__uri"):
+        result = validate_spec(spec_with(**{key: "file:///scratch/x.jsonl"}), OperatorConfig())
+        assert [p.reason for p in result.problems] == ["PolicyViolation"], result.message
+        assert "file://" in result.message and "pod" in result.message
+    allowed = OperatorConfig.model_validate({"limits": {"allowedUriSchemes": ["s3", "file"]}})
+    assert validate_spec(spec_with(output__uri="file:///mnt/shared/out/"), allowed).ok
+
+
+def test_the_local_run_policy_allows_file_uris_and_keeps_every_other_rule() -> None:
+    from finetune_cli.local import allowing_local_files, local_policy
+
+    spec = spec_with(
+        model__uri="file:///models/tiny/", dataset__train="file:///data/qa.jsonl", output__uri="file:///tmp/out/"
+    )
+    assert validate_spec(spec, local_policy(None)).ok
+    local = allowing_local_files(URI_POLICY)
+    assert validate_spec(spec, local).ok
+    assert validate_spec(spec, local.for_namespace("team-b")).ok
+    # ... but the platform's s3 locations and every other limit still apply.
+    assert not validate_spec(spec_with(dataset__train="s3://data-evil/x.jsonl"), local).ok
+    assert not validate_spec(spec_with(model__uri="file:///models/../etc/"), local).ok
+    assert not validate_spec(spec_with(resources__gpus=64), local).ok
+
+
+def test_uri_prefixes_in_the_policy_must_be_uris() -> None:
+    for bad in ("data/", "ftp://x/", "s3://", "s3://data/../x/", "file://host/x/"):
+        with pytest.raises(ValueError, match="allowedUris"):
+            OperatorConfig.model_validate({"limits": {"allowedUris": {"data": [bad]}}})
+
+
+# ---- placement -----------------------------------------------------------------------------------------------
+
+
+def test_a_toleration_of_every_taint_is_refused_by_default() -> None:
+    result = validate_spec(spec_with(resources__tolerations=[{"operator": "Exists"}]), OperatorConfig())
+    assert [(p.reason, p.field) for p in result.problems] == [("PolicyViolation", "spec.resources.tolerations[0]")]
+    assert "every taint" in result.message
+
+
+TOLERATING = OperatorConfig.model_validate(
+    {
+        "defaults": {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+        "limits": {
+            "allowedTolerations": [
+                {"key": "team", "operator": "Equal", "value": "a"},
+                {"key": "spot", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300},
+            ]
+        },
+    }
+)
+
+
+@pytest.mark.parametrize(
+    ("toleration", "ok"),
+    [
+        ({"key": "team", "operator": "Equal", "value": "a", "effect": "NoSchedule"}, True),  # narrower effect
+        ({"key": "team", "value": "a"}, True),  # operator defaults to Equal
+        ({"key": "team", "operator": "Equal", "value": "b"}, False),
+        ({"key": "team", "operator": "Exists"}, False),  # every value of the key: broader
+        ({"key": "spot", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 60}, True),
+        ({"key": "spot", "operator": "Exists", "effect": "NoExecute"}, False),  # forever: broader
+        ({"key": "spot", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 3600}, False),
+        ({"key": "spot", "operator": "Exists"}, False),  # every effect: broader
+        ({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}, True),  # the platform's own
+        ({"key": "node-role.kubernetes.io/control-plane", "operator": "Exists"}, False),
+        ({"operator": "Exists"}, False),
+        ({"operator": "Exists", "effect": "NoSchedule"}, False),
+    ],
+)
+def test_tenant_tolerations_must_be_within_the_allowed_list(toleration: dict[str, Any], ok: bool) -> None:
+    result = validate_spec(spec_with(resources__tolerations=[toleration]), TOLERATING)
+    assert result.ok is ok, result.message
+    if ok:
+        assert result.spec is not None
+        assert result.spec.resources.tolerations[0].key == "nvidia.com/gpu"  # the platform's first, once
+        assert len({t.key for t in result.spec.resources.tolerations}) == len(result.spec.resources.tolerations)
+
+
+def test_node_selector_keys_and_values_come_from_the_policy() -> None:
+    cfg = OperatorConfig.model_validate(
+        {
+            "defaults": {"nodeSelector": {"pool": "gpu"}},
+            "limits": {"allowedNodeSelector": {"gpu-type": ["a100", "h100"], "zone": ["*"]}},
+        }
+    )
+    ok = validate_spec(spec_with(resources__nodeSelector={"gpu-type": "h100", "zone": "z1", "pool": "gpu"}), cfg)
+    assert ok.spec is not None, ok.message
+    assert ok.spec.resources.node_selector == {"pool": "gpu", "gpu-type": "h100", "zone": "z1"}
+    for selector in ({"gpu-type": "t4"}, {"pool": "system"}, {"kubernetes.io/hostname": "control-plane"}):
+        result = validate_spec(spec_with(resources__nodeSelector=selector), cfg)
+        key = next(iter(selector))
+        assert [(p.reason, p.field) for p in result.problems] == [
+            ("PolicyViolation", f"spec.resources.nodeSelector.{key}")
+        ], result.message
+    assert not validate_spec(spec_with(resources__nodeSelector={"zone": "bad value!"}), cfg).ok
+    assert not validate_spec(spec_with(resources__nodeSelector={"anything": "x"}), OperatorConfig()).ok
+
+
+@pytest.mark.parametrize("name", ["cpu", "memory", "ephemeral-storage", "hugepages-2Mi", "pods", "gpu"])
+def test_gpu_resource_name_is_never_a_core_resource(name: str) -> None:
+    result = validate_spec(spec_with(resources__gpuResourceName=name, resources__gpus=8), OperatorConfig())
+    assert [(p.reason, p.field) for p in result.problems] == [("InvalidResources", "spec.resources.gpuResourceName")], (
+        result.message
+    )
+
+
+def test_gpu_resource_name_comes_from_the_allowed_list() -> None:
+    assert validate_spec(spec_with(resources__gpuResourceName="amd.com/gpu"), OperatorConfig()).ok
+    result = validate_spec(spec_with(resources__gpuResourceName="example.com/fpga"), OperatorConfig())
+    assert [(p.reason, p.field) for p in result.problems] == [("PolicyViolation", "spec.resources.gpuResourceName")]
+    intel = OperatorConfig.model_validate(
+        {"tenants": {"hw": {"limits": {"allowedGpuResourceNames": ["gpu.intel.com/i915"]}}}}
+    )
+    assert validate_spec(spec_with(resources__gpuResourceName="gpu.intel.com/i915"), intel.for_namespace("hw")).ok
+    for bad in ({"limits": {"allowedGpuResourceNames": ["cpu"]}}, {"defaults": {"gpuResourceName": "memory"}}):
+        with pytest.raises(ValueError, match="vendor"):
+            OperatorConfig.model_validate(bad)
+    with pytest.raises(ValueError, match=r"tenants\.t"):
+        OperatorConfig.model_validate({"tenants": {"t": {"limits": {"allowedGpuResourceNames": ["kubernetes.io/x"]}}}})
+
+
+@pytest.mark.parametrize(
+    ("prefixes", "image", "ok"),
+    [
+        (["registry.corp"], "registry.corp/x", True),
+        (["registry.corp"], "registry.corp/team/x:1@sha256:" + "a" * 64, True),
+        (["registry.corp"], "registry.corp.attacker.io/x", False),
+        (["registry.corp"], "registry.corp:5000/x", False),  # another port is another registry: list it
+        (["registry.corp:5000"], "registry.corp:5000/x", True),
+        (["registry.corp"], "registry.corp", False),  # a Docker Hub image called registry.corp
+        (["registry.corp/team/"], "registry.corp/team/img:tag", True),
+        (["registry.corp/team/"], "registry.corp/team:tag", False),
+        (["registry.corp/team/"], "registry.corp/team-evil/img:tag", False),
+        (["registry.corp/team"], "registry.corp/team-evil/img", False),
+        (["registry.corp/team/img"], "registry.corp/team/img:2", True),
+        (["registry.corp/team/img"], "registry.corp/team/img2:2", False),
+        (["registry.corp/"], "registry.corp/../x", False),
+    ],
+)
+def test_image_prefixes_match_whole_segments(prefixes: list[str], image: str, ok: bool) -> None:
+    cfg = OperatorConfig.model_validate({"limits": {"allowedImagePrefixes": prefixes}})
+    result = validate_spec(spec_with(image=image), cfg)
+    assert result.ok is ok, result.message
+    if not ok:
+        assert result.problems[0].field == "spec.image"
+
+
+def test_the_platforms_own_image_is_admitted_whatever_the_prefixes() -> None:
+    cfg = OperatorConfig.model_validate(
+        {"defaults": {"image": "finetune-trainer:0.1.0"}, "limits": {"allowedImagePrefixes": ["registry.corp/"]}}
+    )
+    assert validate_spec(spec_with(image=None), cfg).ok
+    assert not validate_spec(spec_with(image="finetune-trainer:0.2.0"), cfg).ok
+
+
+def test_image_prefixes_in_the_policy_must_be_repository_paths() -> None:
+    with pytest.raises(ValueError, match="allowedImagePrefixes"):
+        OperatorConfig.model_validate({"limits": {"allowedImagePrefixes": ["registry.corp/../x"]}})
+
+
+# ---- templates -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "placeholder", ["{question.__class__}", "{0}", "{}", "{question[0]}", "{question!r}", "{question:>10}"]
+)
+def test_template_placeholders_are_plain_field_names(placeholder: str) -> None:
+    result = validate_spec(spec_with(dataset__template__prompt=f"Q: {placeholder} {{question}}"), OperatorConfig())
+    assert [(p.reason, p.field) for p in result.problems] == [("TemplateError", "spec.dataset.template.prompt")]
+    assert placeholder in result.message

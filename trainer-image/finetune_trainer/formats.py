@@ -102,6 +102,18 @@ def _decoded_lines(path: Path, name: str) -> Iterable[tuple[int, str]]:
             yield number, text.rstrip("\r\n")
 
 
+def _blank(path: Path) -> bool:
+    """Whether the file (decompressed) holds nothing but whitespace and a byte-order mark."""
+    try:
+        with _open(path) as fh:
+            while chunk := fh.read(1 << 16):
+                if chunk.replace(b"\xef\xbb\xbf", b"").strip():
+                    return False
+    except (OSError, EOFError):
+        return False  # not gzip after all, or truncated: the reader below says what is wrong
+    return True
+
+
 def _records(items: Any, name: str) -> list[dict[str, Any]]:
     for i, item in enumerate(items, start=1):
         if not isinstance(item, dict):
@@ -124,6 +136,9 @@ def read_table(path: Path, file_format: str = "auto", name: str | None = None) -
     if not path.is_file():
         raise DataError(f"{name}: file not found ({path})")
     fmt = detect_format(path, file_format, name)
+    if _blank(path):
+        detail = "0 bytes" if path.stat().st_size == 0 else "only whitespace"
+        raise DataError(f"{name}: the file is empty ({detail}); it holds no samples")
     rows: list[dict[str, Any]] = []
     positions: list[int] = []
     if fmt in ("jsonl", "txt"):
@@ -161,6 +176,10 @@ def read_table(path: Path, file_format: str = "auto", name: str | None = None) -
     else:
         rows = _read_parquet(path, name)
         positions = list(range(1, len(rows) + 1))
+    if not rows:
+        what = {"jsonl": "only blank lines", "txt": "only blank lines", "json": "an empty list of records"}
+        detail = what.get(fmt, "a header but no rows" if fmt == "csv" else "no rows")
+        raise DataError(f"{name}: the file is empty: {detail}; it holds no samples")
     columns = list(dict.fromkeys(k for row in rows for k in row))
     return Table(name, fmt, rows, positions, file_sha256(path), columns)
 
@@ -271,13 +290,35 @@ def require_column(table: Table, column: str, purpose: str) -> None:
 
 
 @functools.cache
+def parse_template(template: str) -> tuple[tuple[str, str | None], ...]:
+    """``(literal text, column name or None)`` pieces of a ``{column}`` template.
+
+    A placeholder must be a plain column name. Attribute and index access (``{q.__class__}``, ``{q[0]}``),
+    positional fields (``{0}``, ``{}``), conversions and format specs raise ValueError: the trainer never hands
+    row data to ``str.format``, so even a template that bypassed validation can only insert a row's values.
+    """
+    pieces: list[tuple[str, str | None]] = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"{exc}; write literal braces as {{{{ }}}}") from None
+    for literal, name, spec, conv in parsed:
+        if name is not None:
+            shown = "{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+            if not name.isidentifier() or spec or conv:
+                raise ValueError(f"placeholder {shown} is not a plain column name; write {{column}}")
+        pieces.append((literal, name))
+    return tuple(pieces)
+
+
 def template_fields(template: str) -> tuple[str, ...]:
-    """The root names of the ``{placeholders}`` in a str.format template (``{a.b}`` -> ``a``)."""
-    names = []
-    for _, fname, _, _ in string.Formatter().parse(template):
-        if fname:
-            names.append(re.split(r"[.\[]", fname, maxsplit=1)[0])
-    return tuple(dict.fromkeys(names))
+    """The column names of the ``{placeholders}`` in a template, in first-use order (ValueError if malformed)."""
+    return tuple(dict.fromkeys(name for _, name in parse_template(template) if name is not None))
+
+
+def fill_template(template: str, row: dict[str, Any]) -> str:
+    """The template with each ``{column}`` replaced by ``str(row[column])``; KeyError names a missing column."""
+    return "".join(literal + ("" if name is None else str(row[name])) for literal, name in parse_template(template))
 
 
 def check_template(table: Table, template: str, which: str) -> None:
@@ -285,9 +326,7 @@ def check_template(table: Table, template: str, which: str) -> None:
     try:
         fields = template_fields(template)
     except ValueError as exc:
-        raise DataError(
-            f"dataset.template.{which}: invalid template ({exc}); write literal braces as {{{{ }}}}"
-        ) from None
+        raise DataError(f"dataset.template.{which}: invalid template: {exc}") from None
     for fname in fields:
         if fname not in table.columns:
             raise DataError(
@@ -297,18 +336,18 @@ def check_template(table: Table, template: str, which: str) -> None:
 
 
 def render(table: Table, index: int, template: str, which: str) -> str:
-    """``template.format(**row)`` with an error that names the row and the missing field."""
+    """The row's sample text from ``template``, with an error that names the row and the missing field."""
     row = table.rows[index]
     try:
-        return template.format(**row)
+        return fill_template(template, row)
     except KeyError as exc:
         field_name = str(exc.args[0])
         raise DataError(
             f"{table.where(index, field_name)}: dataset.template.{which} needs this field but the row lacks it; "
             f"row has: {_columns_hint(list(row))}"
         ) from None
-    except (IndexError, AttributeError, ValueError) as exc:
-        raise DataError(f"{table.where(index)}: dataset.template.{which} cannot be filled: {exc}") from None
+    except ValueError as exc:
+        raise DataError(f"dataset.template.{which}: invalid template: {exc}") from None
 
 
 def get_value(table: Table, index: int, column: str) -> Any:
