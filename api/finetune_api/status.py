@@ -105,6 +105,11 @@ class FineTuneJobStatus(ApiModel):
         description="Trainer pods already counted as a failure or interruption (the newest 32).",
     )
     queued_since: str | None = Field(default=None, description="When the job started waiting for quota.")
+    active_seconds: int = Field(
+        default=0,
+        description="Seconds the trainer's Job ran before the last suspension; runPolicy.activeDeadlineSeconds "
+        "counts only running time, so a resumed Job gets the rest.",
+    )
     start_time: str | None = Field(default=None, description="When the first trainer pod started.")
     completion_time: str | None = Field(default=None, description="When the job reached Succeeded or Failed.")
     progress: Progress | None = Field(default=None, description="Latest training progress.")

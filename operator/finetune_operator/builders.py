@@ -206,7 +206,8 @@ def build_workload(
         "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
     }
     if rp.active_deadline_seconds:
-        job_spec["activeDeadlineSeconds"] = rp.active_deadline_seconds
+        # What is left of the deadline after earlier runs (the operator deducts them when a job resumes).
+        job_spec["activeDeadlineSeconds"] = meta.get("activeDeadlineSeconds") or rp.active_deadline_seconds
     job_labels = labels(meta, "trainer")
     if meta.get("queueName"):
         # Kueue admits a Job by unsuspending it (Job.spec.suspend: Kubernetes 1.21+; older API servers drop the

@@ -77,6 +77,7 @@ class JobView:
     failed_reason: str | None = None  # set when the Job's Failed condition is True
     resource_version: str = ""
     suspended: bool = False  # spec.suspend (Kubernetes 1.21+): a queue such as Kueue has not admitted it yet
+    start_time: str | None = None  # status.startTime: when the Job controller started it
 
 
 @dataclass
@@ -150,6 +151,7 @@ def job_view(job: Mapping[str, Any]) -> JobView:
         failed_reason=failed_reason,
         resource_version=str(meta.get("resourceVersion") or ""),
         suspended=bool((job.get("spec") or {}).get("suspend")),
+        start_time=_ts(status.get("startTime")),
     )
 
 

@@ -221,8 +221,11 @@ def decide(
     actions: list[Action] = []
 
     if spec.run_policy.suspend:
+        active = status.active_seconds
         if obs.job is not None:
             actions.append(DeleteWorkload(obs.job.name))
+            if status.phase != Phase.SUSPENDED and obs.job.start_time:
+                active += max(0, int((now - _parse(obs.job.start_time)).total_seconds()))
         if status.phase != Phase.SUSPENDED:
             actions.append(
                 PostEvent("Normal", "Suspended", "trainer stopped; unsuspend to resume from the last checkpoint")
@@ -240,6 +243,7 @@ def decide(
                 "observed_generation": gen,
                 "workload": workload,
                 "completion_time": None,
+                "active_seconds": active,
             }
         )
         return Decision(new, actions)
@@ -255,9 +259,13 @@ def decide(
         recreated = status.workload is not None and status.phase in (Phase.PENDING, Phase.RUNNING)
         reason = "WorkloadRecreated" if recreated else "WorkloadCreated"
         message = f"Job {workload} was missing; recreated it" if recreated else f"created Job {workload}"
+        meta = ref.meta()
+        deadline = spec.run_policy.active_deadline_seconds
+        if deadline and status.active_seconds:  # suspended time does not count against the deadline
+            meta["activeDeadlineSeconds"] = max(1, deadline - status.active_seconds)
         actions.append(
             CreateWorkload(
-                config_map, adopt(builders.build_workload(ref.meta(), spec, image_pull_policy), ref), reason, message
+                config_map, adopt(builders.build_workload(meta, spec, image_pull_policy), ref), reason, message
             )
         )
         conds = set_condition(conds, ConditionType.WORKLOAD_CREATED, "True", "Created", f"Job {workload}", gen, stamp)

@@ -217,3 +217,21 @@ def test_a_pending_job_is_woken_when_its_start_deadline_passes() -> None:
     status = FineTuneJobStatus.model_validate(run().status.dump())
     d = decide(REF, SPEC, status, obs, validation, image_pull_policy="Never", now=NOW, start_deadline_seconds=60)
     assert d.status.phase == "Pending" and d.requeue_after is not None and 30 < d.requeue_after <= 31
+
+
+def test_suspended_time_does_not_count_against_the_active_deadline() -> None:
+    spec = {**SPEC, "runPolicy": {"activeDeadlineSeconds": 3600}}
+    started = job_view(
+        {"metadata": {"name": "qa-trainer"}, "status": {"active": 1, "startTime": "2026-01-01T00:00:00Z"}}
+    )
+    running = run(spec, status=run(spec).status.dump(), obs=Observation(job=started, pods=[pod("p", "Running")]))
+    paused_spec = {**spec, "runPolicy": {"activeDeadlineSeconds": 3600, "suspend": True}}
+    paused = run(paused_spec, status=running.status.dump(), obs=Observation(job=started))  # 60 s after the start
+    assert paused.status.active_seconds == 60
+    again = run(paused_spec, status=paused.status.dump(), obs=Observation(job=started), now=NOW + dt.timedelta(hours=5))
+    assert again.status.active_seconds == 60  # the Job is still being deleted: counted once
+    resumed = run(
+        spec, status=again.status.dump(), now=NOW + dt.timedelta(hours=9), ref=JobRef("team-a", "qa", "uid-1", 3)
+    )
+    create = next(a for a in resumed.actions if isinstance(a, CreateWorkload))
+    assert create.job["spec"]["activeDeadlineSeconds"] == 3600 - 60
