@@ -298,13 +298,14 @@ def test_schema_rejects_invalid_values(helm: str, flags: list[str], message: str
 # ---- RBAC ----------------------------------------------------------------------------------------------------
 
 OPERATOR_RULES = {
-    ("finetune.dev", "finetunejobs"): {"get", "list", "watch", "patch", "update"},
-    ("finetune.dev", "finetunejobs/status"): {"get", "patch", "update"},
-    ("batch", "jobs"): {"create", "get", "list", "watch", "patch", "delete"},
-    ("", "configmaps"): {"create", "get", "list", "patch"},
-    ("", "pods"): {"get", "list", "watch"},
+    ("finetune.dev", "finetunejobs"): {"get", "list", "watch", "patch"},
+    ("finetune.dev", "finetunejobs/status"): {"patch"},
+    ("batch", "jobs"): {"create", "list", "watch", "patch", "delete"},
+    ("", "configmaps"): {"create", "patch"},
+    ("", "pods"): {"list", "watch"},
     ("", "pods/log"): {"get"},
-    ("", "events"): {"create", "patch"},
+    ("", "events"): {"create", "patch", "list", "watch"},
+    ("", "resourcequotas"): {"list", "watch"},
 }
 DISCOVERY_RULES = {
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
@@ -486,7 +487,7 @@ def test_deployment_runs_one_operator_with_liveness_and_its_config(helm: str) ->
         "python", "-m", "finetune_operator", "--liveness", "http://0.0.0.0:8080/healthz",
     ]  # fmt: skip
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+    for probe in ("startupProbe", "livenessProbe"):
         get = container[probe]["httpGet"]
         assert get["path"] == "/healthz" and ports[get["port"]] == 8080, probe
     # FINETUNE_OPERATOR_CONFIG names the file the policy ConfigMap is mounted as.
@@ -717,6 +718,7 @@ def test_webhook_is_served_by_the_operator_with_a_certificate_the_api_server_tru
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     env = env_of(container)
     assert ports[port["targetPort"]] == int(str(env["FINETUNE_WEBHOOK_PORT"])) == 9443
+    assert container["readinessProbe"]["tcpSocket"] == {"port": port["targetPort"]}  # ready = webhook listening
     # ... with the certificate from the Secret, mounted where the operator reads it ...
     mount = next(m for m in container["volumeMounts"] if m["mountPath"] == env["FINETUNE_WEBHOOK_CERT_DIR"])
     volume = next(v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])
@@ -773,6 +775,7 @@ def test_webhook_disabled_renders_nothing_of_it(helm: str) -> None:
     container = pod["containers"][0]
     assert not [k for k in env_of(container) if k.startswith("FINETUNE_WEBHOOK")]
     assert [p["name"] for p in container["ports"]] == ["health"]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert not [v for v in pod["volumes"] if "secret" in v]
 
 
