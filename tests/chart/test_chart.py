@@ -298,14 +298,13 @@ def test_schema_rejects_invalid_values(helm: str, flags: list[str], message: str
 # ---- RBAC ----------------------------------------------------------------------------------------------------
 
 OPERATOR_RULES = {
-    ("finetune.dev", "finetunejobs"): {"get", "list", "watch", "patch"},
-    ("finetune.dev", "finetunejobs/status"): {"patch"},
-    ("batch", "jobs"): {"create", "list", "watch", "patch", "delete"},
-    ("", "configmaps"): {"create", "patch"},
-    ("", "pods"): {"list", "watch"},
+    ("finetune.dev", "finetunejobs"): {"get", "list", "watch", "patch", "update"},
+    ("finetune.dev", "finetunejobs/status"): {"get", "patch", "update"},
+    ("batch", "jobs"): {"create", "get", "list", "watch", "patch", "delete"},
+    ("", "configmaps"): {"create", "get", "list", "patch"},
+    ("", "pods"): {"get", "list", "watch"},
     ("", "pods/log"): {"get"},
-    ("", "events"): {"create", "patch", "list", "watch"},
-    ("", "resourcequotas"): {"list", "watch"},
+    ("", "events"): {"create", "patch"},
 }
 DISCOVERY_RULES = {
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
