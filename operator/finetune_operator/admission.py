@@ -172,11 +172,22 @@ def refusal(problems: list[Problem]) -> str:
 # --- kopf glue ----------------------------------------------------------------------------------------------------
 
 
+class _RefusalsAreNotErrors(logging.Filter):
+    """kopf logs every refused request as an ERROR ("Webhook 'validate' failed permanently: ..."); a tenant's
+    mistake is not the operator's error, so it is logged at INFO (alerts on operator errors stay meaningful)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.ERROR and str(record.msg).startswith(f"Webhook {HANDLER_ID!r} failed"):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
 def enable(options: WebhookOptions) -> None:
     """Register the webhook handler and the start-up that configures kopf's HTTPS server.
 
     Called only when the webhook is enabled: kopf refuses to run with admission handlers and no server."""
     config: dict[str, OperatorConfig] = {}
+    logging.getLogger("kopf.objects").addFilter(_RefusalsAreNotErrors())
 
     @kopf.on.startup(id="admission-server")
     async def _configure(settings: kopf.OperatorSettings, **_: Any) -> None:

@@ -37,7 +37,14 @@ REPO = Path(__file__).resolve().parents[2]
 GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
 NODE = "fake-kubelet-security"
 OPERATOR_CONFIG = {
-    "defaults": {"image": "finetune-trainer:test", "imagePullPolicy": "Never", "gpus": 0, "cpu": "1", "memory": "1Gi"},
+    "defaults": {
+        "image": "finetune-trainer:test",
+        "imagePullPolicy": "Never",
+        "gpus": 0,
+        "cpu": "1",
+        "memory": "1Gi",
+        "storageEndpoint": "http://198.18.0.1:9000",  # the platform's; a job's own endpoint is a policy matter
+    },
     "pollSeconds": 1.0,
 }
 SPEC: dict[str, Any] = {
@@ -49,7 +56,7 @@ SPEC: dict[str, Any] = {
     },
     "method": {"type": "lora"},
     "output": {"uri": "s3://out/job/"},
-    "storage": {"secretRef": {"name": "s3-credentials"}, "endpoint": "http://198.18.0.1:9000"},
+    "storage": {"secretRef": {"name": "s3-credentials"}},
     "runPolicy": {"backoffLimit": 1},
 }
 HOST_PATH_VOLUME = [{"name": "root", "hostPath": {"path": "/"}}]

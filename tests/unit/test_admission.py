@@ -169,3 +169,19 @@ def test_webhook_options(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FINETUNE_WEBHOOK_CERT_DIR", "/certs")
     opts = WebhookOptions.from_env()
     assert opts is not None and opts.port == 9443 and str(opts.cert_dir) == "/certs"
+
+
+def test_refusals_are_logged_as_info_not_errors() -> None:
+    import logging
+
+    from finetune_operator.admission import _RefusalsAreNotErrors
+
+    def record(msg: str, level: int = logging.ERROR) -> logging.LogRecord:
+        rec = logging.LogRecord("kopf.objects", level, __file__, 1, msg, None, None)
+        assert _RefusalsAreNotErrors().filter(rec)
+        return rec
+
+    refused = record("Webhook 'validate' failed permanently: InvalidURI: spec.output.uri: ...")
+    assert (refused.levelno, refused.levelname) == (logging.INFO, "INFO")
+    other = record("Handler 'x' failed permanently: boom")
+    assert other.levelno == logging.ERROR
