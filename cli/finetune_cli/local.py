@@ -26,19 +26,21 @@ from finetune_api.spec import KIND, FineTuneJobSpec
 from finetune_cli.kube import CliError
 from finetune_cli.render import bar, duration, number, render_report, report_of
 from finetune_operator.builders import resolved_job_yaml
-from finetune_operator.config import Defaults, OperatorConfig, load_config
+from finetune_operator.config import Defaults, Limits, OperatorConfig, load_config
 from finetune_operator.validation import ValidationResult, validate_spec
 
 
 def local_policy(path: str | None) -> OperatorConfig:
     """The policy file's, exactly as the cluster applies it; without one, the operator's built-in policy for a
-    workstation: no GPU assumed, and file:// allowed (see :func:`allowing_local_files`)."""
+    workstation: no GPU assumed, any S3 endpoint, and file:// allowed (see :func:`allowing_local_files`)."""
     if path:
         try:
             return load_config(path)
         except (OSError, ValueError) as exc:
             raise CliError(f"policy file {path}: {exc}") from None
-    return allowing_local_files(OperatorConfig(defaults=Defaults(gpus=0)))
+    # A workstation's own S3 endpoint (a local MinIO) is the user's business: any endpoint is allowed.
+    policy = OperatorConfig(defaults=Defaults(gpus=0), limits=Limits(allowed_storage_endpoints=["*"]))
+    return allowing_local_files(policy)
 
 
 def _with_file(limits: dict[str, Any]) -> dict[str, Any]:

@@ -122,6 +122,20 @@ class Limits(_Model):
         default_factory=dict, description='Node label key -> values a tenant may select ("*": any value).'
     )
     allowed_gpu_resource_names: list[str] = Field(default_factory=lambda: ["nvidia.com/gpu", "amd.com/gpu"])
+    # A job's storage.endpoint receives the pod's credentials' signatures and, with ambient credentials (IRSA),
+    # their session token: a tenant may name only these endpoints (or defaults.storageEndpoint); "*": any.
+    allowed_storage_endpoints: list[str] = Field(
+        default_factory=list,
+        description='S3 endpoint URLs a job may set in storage.endpoint besides the platform\'s own; "*": any.',
+    )
+
+    @field_validator("allowed_storage_endpoints")
+    @classmethod
+    def _endpoints(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if url != "*" and not (urlparse(url).scheme in ("http", "https") and urlparse(url).netloc):
+                raise ValueError(f"{url!r} must be an http:// or https:// URL, or *")
+        return value
 
     @field_validator("allowed_gpu_resource_names")
     @classmethod

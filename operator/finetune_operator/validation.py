@@ -380,6 +380,15 @@ def _listed(value: object) -> str:
     return str(value) if value else "none"
 
 
+def _endpoint_allowed(endpoint: str | None, cfg: OperatorConfig) -> bool:
+    """The tenant's own storage.endpoint: unset, the platform's, or listed (trailing slashes aside)."""
+    allowed = cfg.limits.allowed_storage_endpoints
+    if endpoint is None or "*" in allowed:
+        return True
+    wanted = endpoint.rstrip("/")
+    return any(wanted == e.rstrip("/") for e in (cfg.defaults.storage_endpoint, *allowed) if e)
+
+
 def apply_platform_defaults(spec: FineTuneJobSpec, cfg: OperatorConfig) -> FineTuneJobSpec:
     """Fill the values the platform team owns (image, resources, storage endpoint) where the tenant left them."""
     d = cfg.defaults
@@ -432,6 +441,16 @@ def validate_spec(raw: dict[str, Any], cfg: OperatorConfig) -> ValidationResult:
     ]
     if spec.storage.endpoint and urlparse(spec.storage.endpoint).scheme not in ("http", "https"):
         problems.append(Problem("InvalidURI", "spec.storage.endpoint", "must be an http:// or https:// URL"))
+    elif not _endpoint_allowed(parsed.storage.endpoint, cfg):
+        allowed = [e for e in (cfg.defaults.storage_endpoint, *cfg.limits.allowed_storage_endpoints) if e]
+        problems.append(
+            Problem(
+                "PolicyViolation",
+                "spec.storage.endpoint",
+                "this platform does not let jobs choose this S3 endpoint (the pod's credentials would be sent to "
+                f"it); allowed: {', '.join(allowed) or 'none: leave it unset'}",
+            )
+        )
     if problems:
         return ValidationResult(None, problems)
     try:

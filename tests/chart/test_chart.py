@@ -149,6 +149,7 @@ def test_every_policy_value_reaches_the_operator(helm: str, tmp_path: Path) -> N
             "allowedTolerations": [{"key": "spot", "operator": "Exists", "effect": "NoSchedule"}],
             "allowedNodeSelector": {"gpu-type": ["a100", "h100"], "zone": ["*"]},
             "allowedGpuResourceNames": ["nvidia.com/gpu", "gpu.intel.com/i915"],
+            "allowedStorageEndpoints": ["https://ceph.lab.corp"],
         },
         "tenants": {
             "research": {
@@ -287,6 +288,7 @@ def test_values_schema_matches_the_config_model(model: type[BaseModel], pointer:
         (["--set", "policy.limits.allowedUris.logs={s3://logs/}"], "Additional property logs is not allowed"),
         (["--set", "policy.limits.allowedTolerations[0].operator=Any"], "allowedTolerations"),
         (["--set", "policy.tenants.team-a.limits.allowedUris.model={ftp://m/}"], "allowedUris.model"),
+        (["--set", "policy.limits.allowedStorageEndpoints={minio:9000}"], "allowedStorageEndpoints"),
     ],
 )
 def test_schema_rejects_invalid_values(helm: str, flags: list[str], message: str) -> None:

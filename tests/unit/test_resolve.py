@@ -46,6 +46,7 @@ WALK_POLICY = OperatorConfig.model_validate(
             "allowedUriSchemes": ["s3", "file", "hf"],
             "allowedTolerations": [{"operator": "Exists"}],
             "allowedNodeSelector": {"pool": ["*"]},
+            "allowedStorageEndpoints": ["*"],
         }
     }
 )
@@ -179,6 +180,8 @@ ALLOWED: dict[str, str] = {
     "runPolicy.suspend": "applied by the operator's reconcile, which suspends the Job (tests/integration)",
     "runPolicy.ttlSecondsAfterFinished": "applied by the operator's reconcile, which deletes the finished workload "
     "(tests/integration)",
+    "notification.webhook.name": "the Secret of the notification pod's URL (tests/unit/test_notify.py)",
+    "notification.webhook.key": "the key of that Secret (tests/unit/test_notify.py)",
 }
 
 

@@ -483,3 +483,28 @@ def test_template_placeholders_are_plain_field_names(placeholder: str) -> None:
     result = validate_spec(spec_with(dataset__template__prompt=f"Q: {placeholder} {{question}}"), OperatorConfig())
     assert [(p.reason, p.field) for p in result.problems] == [("TemplateError", "spec.dataset.template.prompt")]
     assert placeholder in result.message
+
+
+# ---- storage endpoint ------------------------------------------------------------------------------------------
+
+
+def test_a_tenant_may_not_send_the_pods_credentials_to_an_endpoint_of_its_choosing() -> None:
+    cfg = OperatorConfig.model_validate(
+        {
+            "defaults": {"storageEndpoint": "http://minio.storage:9000"},
+            "tenants": {"lab": {"limits": {"allowedStorageEndpoints": ["https://ceph.lab.corp/"]}}},
+        }
+    )
+    result = validate_spec(spec_with(storage={"endpoint": "https://attacker.example.com"}), cfg)
+    assert [(p.reason, p.field) for p in result.problems] == [("PolicyViolation", "spec.storage.endpoint")]
+    assert "credentials" in result.message and "http://minio.storage:9000" in result.message
+    for endpoint in (None, "http://minio.storage:9000", "http://minio.storage:9000/"):
+        ok = validate_spec(spec_with(storage={"endpoint": endpoint} if endpoint else {}), cfg)
+        assert ok.spec is not None and ok.spec.storage.endpoint == (endpoint or "http://minio.storage:9000")
+    lab = cfg.for_namespace("lab")
+    assert validate_spec(spec_with(storage={"endpoint": "https://ceph.lab.corp"}), lab).ok
+    assert not validate_spec(spec_with(storage={"endpoint": "https://ceph.lab.corp"}), cfg).ok
+    anything = OperatorConfig.model_validate({"limits": {"allowedStorageEndpoints": ["*"]}})
+    assert validate_spec(spec_with(storage={"endpoint": "https://attacker.example.com"}), anything).ok
+    with pytest.raises(ValueError, match="allowedStorageEndpoints"):
+        OperatorConfig.model_validate({"limits": {"allowedStorageEndpoints": ["minio:9000"]}})
