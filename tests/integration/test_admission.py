@@ -324,3 +324,30 @@ def test_failure_policy_when_the_webhook_is_down(
     else:
         assert proc.returncode != 0 and "failed calling webhook" in proc.stderr, proc.stderr
         assert objects(kube_api, namespace) == []
+
+
+def test_chart_reuses_the_webhook_certificate_on_upgrade(control_plane: Any, kube_api: Any, namespace: str) -> None:
+    """`helm upgrade` must not rotate the CA under a running operator: the chart looks its Secret up (a lookup
+    needs the API server, hence this tier) and renders the same certificate and caBundle again."""
+    secret = {"ca.crt": "CA-OF-THIS-INSTALL", "tls.crt": "CERT-OF-THIS-INSTALL", "tls.key": "KEY-OF-THIS-INSTALL"}
+    name = "r-finetune-operator-webhook-tls"
+    core: Any = client.CoreV1Api(kube_api)
+    core.create_namespaced_secret(namespace, {"metadata": {"name": name}, "stringData": secret})
+
+    def render(ns: str) -> dict[str, Any]:
+        proc = subprocess.run(
+            ["bash", str(Path(__file__).resolve().parents[2] / "scripts" / "helm.sh"), "template", "r",
+             str(Path(__file__).resolve().parents[2] / "charts" / "finetune-operator"), "--namespace", ns,
+             "--dry-run=server", "--show-only", "templates/webhook.yaml"],
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        return {d["kind"]: d for d in yaml.safe_load_all(proc.stdout) if d}
+
+    docs = render(namespace)
+    encoded = {k: base64.b64encode(v.encode()).decode() for k, v in secret.items()}
+    assert docs["Secret"]["data"] == encoded
+    assert docs["ValidatingWebhookConfiguration"]["webhooks"][0]["clientConfig"]["caBundle"] == encoded["ca.crt"]
+    # Where there is no Secret yet, a new CA and certificate are generated.
+    fresh = render(f"{namespace}-none"[:63])
+    assert base64.b64decode(fresh["Secret"]["data"]["ca.crt"]).startswith(b"-----BEGIN CERTIFICATE-----")
