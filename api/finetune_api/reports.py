@@ -23,6 +23,15 @@ from finetune_api.spec import ApiModel
 
 MARKER = "##finetune "
 
+# The trainer's exit codes: the operator's retry policy reads them (docs/progress-protocol.md, "Exit codes").
+EXIT_OK = 0  # model, report and manifest uploaded
+EXIT_RETRYABLE = 1  # anything else (crash, storage outage past its retry deadline): retry, counted
+EXIT_USER_ERROR = 2  # the job itself is wrong (config, data, model, storage access): final, never retried
+# Stopped by SIGTERM/SIGINT (pod deletion, eviction, drain, preemption, suspend) after saving a checkpoint
+# when it was training: resumable, and not the job's fault. EX_TEMPFAIL from sysexits.h; deliberately not
+# 143 (128 + SIGTERM), which is what a process killed by an unhandled SIGTERM reports.
+EXIT_INTERRUPTED = 75
+
 
 class ReportKind(StrEnum):
     STAGE = "stage"  # downloading, preparing, training, evaluating, uploading

@@ -34,7 +34,7 @@ import yaml
 
 from finetune_api.reports import Report, ReportKind, parse_reports
 from finetune_trainer.evaluate import normalize
-from finetune_trainer.storage import Storage
+from finetune_trainer.storage import Storage, parse_uri
 from finetune_trainer.tiny_models import build_model
 
 RUN_TIMEOUT_S = 300
@@ -691,6 +691,221 @@ def test_kill_minus_9_then_resume_continues_from_checkpoint(env: Env) -> None:
     history = env.json("report/log_history.json")
     assert min(e["step"] for e in history if "loss" in e) == 1
     assert env.json("report/metrics.json")["resumed_from_step"] == resumed_at
+
+
+# ---- SIGTERM: pod deletion, eviction, drain, preemption, suspend --------------------------------------------
+
+
+def _pid1_prefix() -> list[str]:
+    """Run the trainer as PID 1 of a new PID namespace, as in its pod (where the kernel drops a SIGTERM that
+    has no handler), when this machine allows it (root with unshare); otherwise as a plain child."""
+    if (
+        os.geteuid() == 0
+        and subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True).returncode == 0
+    ):
+        return ["unshare", "--pid", "--fork", "--kill-child"]
+    return []
+
+
+def _trainer_pid(proc: subprocess.Popen[str], prefix: list[str]) -> int:
+    """The trainer's host PID: unshare's only child when it runs under unshare, else the process itself."""
+    if not prefix:
+        return proc.pid
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        if children:
+            return int(children[0])
+        time.sleep(0.05)
+    raise AssertionError("unshare started no child")
+
+
+def _ns_pid(pid: int) -> int:
+    """The PID the process has in its own (innermost) PID namespace."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("NSpid:"):
+            return int(line.split()[-1])
+    raise AssertionError("no NSpid")
+
+
+@dataclass
+class Stopped:
+    run: Run
+    signalled_at_step: int | None
+    seconds_to_exit: float
+    ns_pid: int
+
+
+def _sigterm_when(env: Env, config: Path, workdir: str, when: Any) -> Stopped:
+    """Start the trainer (as PID 1 where possible), send SIGTERM when ``when(report)`` first holds, and
+    collect everything it printed until it exits."""
+    prefix = _pid1_prefix()
+    term = env.tmp / "termination-log"
+    term.unlink(missing_ok=True)
+    with (env.tmp / f"{workdir}.stderr").open("w") as err:
+        proc = subprocess.Popen(
+            [*prefix, *env.command(config, workdir)], stdout=subprocess.PIPE, stderr=err, text=True, env=env.env()
+        )
+    assert proc.stdout is not None
+    pid = _trainer_pid(proc, prefix)
+    ns_pid = _ns_pid(pid)
+    lines: list[str] = []
+    sent_at, step = None, None
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    for line in proc.stdout:
+        lines.append(line)
+        if sent_at is None:
+            for report in parse_reports([line]):
+                if when(report):
+                    os.kill(pid, signal.SIGTERM)
+                    sent_at, step = time.monotonic(), report.step
+        assert time.monotonic() < deadline, "".join(lines)
+    rc = proc.wait(timeout=60)
+    assert sent_at is not None, "".join(lines)
+    seconds = time.monotonic() - sent_at
+    stderr = (env.tmp / f"{workdir}.stderr").read_text()
+    reports = list(parse_reports(lines))
+    termination = json.loads(term.read_text()) if term.exists() else None
+    return Stopped(Run(rc, "".join(lines), stderr, reports, termination), step, seconds, ns_pid)
+
+
+def _output_listing(env: Env) -> dict[str, tuple[int, str]]:
+    return {rel: (size, etag) for rel, size, etag in env.store._objects(parse_uri(env.out), "list")}
+
+
+def assert_interrupted(stopped: Stopped) -> Report:
+    from finetune_api.reports import EXIT_INTERRUPTED
+
+    run = stopped.run
+    assert run.rc == EXIT_INTERRUPTED, run.explain()
+    errors = run.of(ReportKind.ERROR)
+    assert [e.reason for e in errors] == ["Interrupted"], run.explain()
+    assert "SIGTERM received" in (errors[0].message or "")
+    assert run.reports[-1] == errors[0]  # nothing after the verdict
+    assert run.termination is not None and Report.model_validate(run.termination) == errors[0]
+    return errors[0]
+
+
+@pytest.mark.slow
+def test_sigterm_mid_training_saves_a_checkpoint_and_the_resumed_run_ends_like_an_uninterrupted_one(
+    env: Env,
+) -> None:
+    """SIGTERM in the middle of training (the trainer as PID 1 where the machine allows): it stops at the next
+    step boundary, uploads a complete checkpoint of that step, writes nothing else, exits "interrupted"; the
+    next attempt resumes from that step and ends with the loss of a run that was never interrupted."""
+    from finetune_trainer.checkpoints import MARKER, remote_steps
+
+    lines = pattern_lines(200)
+    max_steps, signal_at = 40, 13
+    spec = {
+        "model": {"uri": env.model("gpt2", lines)},
+        "task": "causal-lm",
+        "dataset": {"train": env.data("lines.txt", lines), "split": {"validationRatio": 0.1}},
+        "method": {"type": "full"},
+        "hyperparameters": {
+            "maxSteps": max_steps,
+            "batchSize": 8,
+            "learningRate": 3e-3,
+            "blockSize": 32,
+            "loggingSteps": 1,
+            "scheduler": "linear",
+        },
+        "evaluation": {"maxSamples": 4, "maxNewTokens": 4},
+        "checkpoints": {"everySteps": 10, "keep": 2},
+    }
+    reference_out = f"s3://{env.bucket}/runs/reference"
+    reference_config = env.job({**spec, "output": {"uri": reference_out}}).rename(env.tmp / "reference.yaml")
+    config = env.job(spec)
+
+    stopped = _sigterm_when(
+        env, config, "attempt-1", lambda r: r.kind == ReportKind.PROGRESS and (r.step or 0) >= signal_at
+    )
+    first = stopped.run
+    error = assert_interrupted(stopped)
+    if _pid1_prefix():
+        assert stopped.ns_pid == 1  # it really ran as PID 1, where an unhandled SIGTERM is ignored
+    stops = [r for r in first.of(ReportKind.STAGE) if r.stage == "stopping"]
+    assert len(stops) == 1, first.explain()
+    stop_step = max(s for s, _ in first.losses)
+    assert stopped.signalled_at_step is not None
+    assert stopped.signalled_at_step <= stop_step <= stopped.signalled_at_step + 2 and stop_step < max_steps
+    assert f"stopped at step {stop_step}" in (stops[0].message or "")
+    assert f"checkpoint-{stop_step} is uploaded" in (error.message or "")
+    # The checkpoint of that step is complete (marker written after its files) and reported; nothing newer.
+    assert [r.step for r in first.of(ReportKind.CHECKPOINT)] == [10, stop_step]
+    assert remote_steps(env.store, env.out) == ([10, stop_step], [])
+    marker = env.json(f"checkpoints/checkpoint-{stop_step}/{MARKER}")
+    assert marker["step"] == stop_step and any(f["path"] == "optimizer.pt" for f in marker["files"])
+    # Nothing but checkpoints was written: no evaluation, no final model, report or manifest.
+    listing = _output_listing(env)
+    assert {rel.split("/")[0] for rel in listing} == {"checkpoints"}, sorted(listing)
+    assert (
+        not first.of(ReportKind.OUTPUT) and not [r for r in first.of(ReportKind.STAGE) if r.stage == "evaluating"][1:]
+    )
+    # ... and nothing after the exit either.
+    time.sleep(2)
+    assert _output_listing(env) == listing
+    print(f"SIGTERM at step {stopped.signalled_at_step}: stopped at {stop_step}, {stopped.seconds_to_exit:.1f} s")
+    assert stopped.seconds_to_exit < 60
+
+    second = env.run_config(config, "attempt-2")
+    assert_succeeded(second)
+    training = [r for r in second.of(ReportKind.STAGE) if r.stage == "training"]
+    assert training[0].message == f"resuming from checkpoint {stop_step}"
+    assert second.losses[0][0] == stop_step + 1 and second.losses[-1][0] == max_steps
+
+    reference = env.run_config(reference_config, "reference")
+    assert_succeeded(reference)
+    assert not [r for r in reference.of(ReportKind.STAGE) if r.stage == "training" and r.message]
+    expected = dict(reference.losses)
+    # The loss curve continues exactly where it stopped: every step after the resume, and the final loss, as
+    # in the uninterrupted run (the tolerance of the kill -9 resume test: CPU kernels sum in thread-dependent
+    # order; a lost optimizer/scheduler/RNG state moves the loss by far more than 1%).
+    assert all(loss == pytest.approx(expected[step], rel=1e-2) for step, loss in second.losses), (
+        second.losses,
+        expected,
+    )
+    assert second.losses[-1][1] == pytest.approx(reference.losses[-1][1], rel=1e-2)
+    assert [loss for _, loss in first.losses] == pytest.approx([expected[s] for s, _ in first.losses], rel=1e-2)
+
+
+def test_sigterm_before_training_exits_at_once_and_writes_nothing(env: Env) -> None:
+    """SIGTERM while downloading/preparing (here: right at the first stage report): nothing to save, so the
+    trainer exits promptly with the interrupted code and the output stays empty."""
+    lines = pattern_lines(40)
+    config = env.job(
+        {
+            "model": {"uri": env.model("gpt2", lines)},
+            "task": "causal-lm",
+            "dataset": {"train": env.data("lines.txt", lines)},
+            "hyperparameters": {"maxSteps": 5},
+        }
+    )
+    stopped = _sigterm_when(env, config, "wd", lambda r: r.kind == ReportKind.STAGE)
+    assert_interrupted(stopped)
+    if _pid1_prefix():
+        assert stopped.ns_pid == 1
+    assert [r.stage for r in stopped.run.of(ReportKind.STAGE)] in (["downloading"], ["downloading", "preparing"])
+    assert stopped.seconds_to_exit < 10, stopped.seconds_to_exit
+    assert _output_listing(env) == {}
+
+
+def test_unusable_output_is_a_user_error_before_any_download(env: Env, capsys: Any, monkeypatch: Any) -> None:
+    """An output the trainer cannot write fails at once as a user error (exit 2), not at the first checkpoint
+    and not as a retry: a missing bucket, a key with '..' segments."""
+    lines = pattern_lines(20)
+    spec = {"model": {"uri": env.model("gpt2", lines)}, "task": "causal-lm", "dataset": {"train": "x.txt"}}
+    for output, reason in (
+        ("s3://no-such-bucket-out/runs/job", "NoSuchBucket"),
+        (f"s3://{env.bucket}/runs/../job", "InvalidStorageKey"),
+    ):
+        run = env.run_in_process({**spec, "output": {"uri": output}}, capsys, monkeypatch)
+        assert run.rc == 2, run.explain()
+        errors = run.of(ReportKind.ERROR)
+        assert len(errors) == 1 and errors[0].reason in (reason, "InvalidConfig"), run.explain()
+        assert output in (errors[0].message or "")
+        assert [r.stage for r in run.of(ReportKind.STAGE)] in ([], ["downloading"])  # before any download
+    assert env.store.list_prefix(f"s3://{env.bucket}/runs/") == []
 
 
 def test_qlora_on_cpu_is_a_user_error(env: Env, capsys: Any, monkeypatch: Any) -> None:

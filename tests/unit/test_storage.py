@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,6 +22,7 @@ from finetune_trainer.storage import (
     Storage,
     StorageError,
     StorageNotFound,
+    StorageUserError,
     parse_uri,
 )
 
@@ -216,13 +218,254 @@ def test_upload_to_missing_bucket(store: Storage, tmp_path: Path) -> None:
         store.upload_file(tmp_path / "f", "s3://no-such-bucket-up/f")
 
 
-def test_unreachable_endpoint(tmp_path: Path) -> None:
-    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    store = Storage(endpoint=f"http://127.0.0.1:{port}", max_attempts=1)
-    with pytest.raises(StorageError, match=rf"s3://b/k: cannot reach the object store at endpoint .*:{port}"):
+# ---- faults: what heals is retried with backoff up to a deadline, what cannot fails fast as a user error ----
+
+UNREACHABLE_BOUND_S = 60  # the verdict for an endpoint that never answers; the pod's whole budget is 2 minutes
+
+
+@pytest.fixture
+def creds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Credentials for endpoints other than the moto fixture's (botocore checks for them before connecting)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+
+
+def test_closed_port_is_unreachable_user_error_within_bound(creds: None) -> None:
+    """Nothing listens (connection refused): retried for connect_deadline (a store that is still starting
+    gets a chance), then StorageUnreachable naming the endpoint. Default settings, as in a trainer pod."""
+    port = _free_port()  # free a moment ago: nothing listens there
+    store = Storage(endpoint=f"http://127.0.0.1:{port}")
+    start = time.monotonic()
+    with pytest.raises(StorageUserError) as exc:
         store.read_text("s3://b/k")
+    elapsed = time.monotonic() - start
+    assert exc.value.reason == "StorageUnreachable"
+    msg = str(exc.value)
+    assert f"s3://b/k: cannot reach the object store at endpoint http://127.0.0.1:{port}" in msg, msg
+    assert "spec.storage.endpoint" in msg
+    assert store.connect_deadline <= elapsed < UNREACHABLE_BOUND_S, elapsed  # retried, then gave up in time
+    attempts = int(msg.split(" attempts over ")[0].rsplit(" ", 1)[-1])
+    assert attempts > 1, msg
+
+
+def test_blackholed_endpoint_is_unreachable_user_error_within_bound(creds: None) -> None:
+    """A host that drops SYNs (a listening socket whose accept queue is full: connects time out) is the worst
+    case, the one that took 10 min 35 s before: each attempt waits for connect_timeout."""
+    with socket.socket() as srv, socket.socket() as filler:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(0)
+        port = srv.getsockname()[1]
+        filler.connect(("127.0.0.1", port))  # fills the queue: from now on SYNs are dropped
+        store = Storage(endpoint=f"http://127.0.0.1:{port}")
+        start = time.monotonic()
+        with pytest.raises(StorageUserError) as exc:
+            store.write_text("s3://out/run/x.txt", "x")
+        elapsed = time.monotonic() - start
+    assert exc.value.reason == "StorageUnreachable"
+    assert "ConnectTimeoutError" in str(exc.value) and f"127.0.0.1:{port}" in str(exc.value)
+    assert elapsed < UNREACHABLE_BOUND_S, elapsed
+    print(f"blackholed endpoint: verdict after {elapsed:.1f} s")
+
+
+def test_missing_bucket_is_a_fast_user_error(store: Storage, tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    for call in (
+        lambda: store.read_text("s3://no-such-bucket-fast/x"),
+        lambda: store.upload_file(tmp_path / "f", "s3://no-such-bucket-fast/out/f"),
+        lambda: store.check_writable("s3://no-such-bucket-fast/out/"),
+        lambda: store.list_prefix("s3://no-such-bucket-fast/out/"),
+    ):
+        start = time.monotonic()
+        with pytest.raises(StorageUserError) as exc:
+            call()
+        assert exc.value.reason == "NoSuchBucket", exc.value
+        assert "bucket 'no-such-bucket-fast' does not exist" in str(exc.value)
+        assert time.monotonic() - start < 5  # not retried
+
+
+def test_dot_segments_in_keys_are_refused_before_any_request(tmp_path: Path) -> None:
+    store = Storage(endpoint=f"http://127.0.0.1:{_free_port()}")  # would fail (slowly) if a request were made
+    for uri in ("s3://b/runs/../other/job", "s3://b/./x", "s3://b/a/..", (tmp_path / "x").as_uri() + "/../y"):
+        start = time.monotonic()
+        with pytest.raises(StorageUserError) as exc:
+            store.write_text(uri, "x")
+        assert exc.value.reason == "InvalidStorageKey" and uri in str(exc.value)
+        assert time.monotonic() - start < 1
+    assert not (tmp_path / "y").exists()
+
+
+@pytest.fixture
+def read_only_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory this process cannot write: a read-only tmpfs for root (which ignores file modes), mode
+    0555 for anyone else."""
+    path = tmp_path / "ro"
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        yield path
+        path.chmod(0o755)
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)]).returncode != 0:
+        pytest.skip("running as root without the right to mount a read-only tmpfs")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def test_read_only_local_output_is_a_user_error(read_only_dir: Path, tmp_path: Path) -> None:
+    store = Storage()
+    (tmp_path / "f").write_text("x")
+    out = read_only_dir / "job"
+    for call in (
+        lambda: store.check_writable(out.as_uri()),
+        lambda: store.check_writable(str(read_only_dir)),
+        lambda: store.upload_file(tmp_path / "f", (read_only_dir / "f").as_uri()),
+        lambda: store.write_text(str(read_only_dir / "manifest.json"), "{}"),
+    ):
+        with pytest.raises(StorageUserError) as exc:
+            call()
+        assert exc.value.reason == "OutputNotWritable", exc.value
+        assert str(read_only_dir) in str(exc.value) and "not writable" in str(exc.value)
+    assert list(read_only_dir.iterdir()) == []
+
+
+def test_check_writable_leaves_nothing_behind(store: Storage, bucket: str, tmp_path: Path) -> None:
+    store.check_writable(f"s3://{bucket}/runs/job")
+    assert store.list_prefix(f"s3://{bucket}/") == []
+    store.check_writable(str(tmp_path / "out"))
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+class StandIn:
+    """A tiny HTTP server standing in for an S3 endpoint's error responses (moto cannot be told to throttle,
+    fail with 5xx or drop a connection). Each request takes the next scripted answer; the last one repeats:
+    ``(status, code)`` answers with an S3 error document, ``"drop"`` closes the connection without an answer,
+    ``"ok"`` answers 200 with ``body``. ``requests`` counts what arrived."""
+
+    def __init__(self, script: list[Any], body: bytes = b"hello") -> None:
+        import http.server
+        import threading
+
+        self.script, self.body, self.requests = list(script), body, 0
+        stand_in = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _answer(self) -> None:
+                self.close_connection = True  # no keep-alive: a closed server refuses the next request
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    self.rfile.read(length)
+                with lock:
+                    stand_in.requests += 1
+                    action = stand_in.script.pop(0) if len(stand_in.script) > 1 else stand_in.script[0]
+                if action == "drop":
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if action == "ok":
+                    body = stand_in.body if self.command == "GET" else b""
+                    self.send_response(200)
+                    self.send_header("Connection", "close")
+                    self.send_header("ETag", '"0123"')
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                status, code = action
+                doc = f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>m</Message></Error>'
+                data = b"" if self.command == "HEAD" else doc.encode()
+                self.send_response(status)
+                self.send_header("Connection", "close")
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_PUT = do_HEAD = do_DELETE = do_POST = _answer
+
+        lock = threading.Lock()
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def stand_in(creds: None) -> Iterator[Any]:
+    servers: list[StandIn] = []
+
+    def make(script: list[Any], body: bytes = b"hello") -> StandIn:
+        servers.append(StandIn(script, body))
+        return servers[-1]
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [(503, "SlowDown"), (429, "TooManyRequests"), (500, "InternalError"), (502, "BadGateway"), "drop"],
+    ids=["503-slowdown", "429", "500", "502", "dropped-connection"],
+)
+def test_transient_failures_are_retried_until_they_heal(stand_in: Any, failure: Any) -> None:
+    server = stand_in([failure] * 5 + ["ok"])  # more failures than botocore's own attempts absorb
+    store = Storage(endpoint=server.endpoint)
+    assert store.read_text("s3://b/data.txt") == "hello"
+    assert server.requests == 6
+
+
+def test_persistent_throttling_gives_up_at_the_deadline_as_retryable(stand_in: Any) -> None:
+    server = stand_in([(503, "SlowDown")])
+    store = Storage(endpoint=server.endpoint, retry_deadline=3)
+    start = time.monotonic()
+    with pytest.raises(StorageError) as exc:
+        store.write_text("s3://b/out/x.txt", "x")
+    elapsed = time.monotonic() - start
+    assert not isinstance(exc.value, StorageUserError)  # an outage may end: the Job retries (exit 1)
+    msg = str(exc.value)
+    assert f"s3://b/out/x.txt: the object store at endpoint {server.endpoint} kept failing with SlowDown" in msg
+    assert 3 <= elapsed < 15 and server.requests >= 3, (elapsed, server.requests)  # botocore tries 3 times per call
+
+
+@pytest.mark.parametrize(
+    "answer,reason",
+    [((403, "AccessDenied"), "StorageAccessDenied"), ((403, "InvalidAccessKeyId"), "StorageAccessDenied")],
+)
+def test_access_denied_fails_at_once(stand_in: Any, answer: tuple[int, str], reason: str) -> None:
+    server = stand_in([answer])
+    store = Storage(endpoint=server.endpoint)
+    for call in (lambda: store.read_text("s3://b/data.txt"), lambda: store.write_text("s3://b/out/x", "x")):
+        before = server.requests
+        with pytest.raises(StorageUserError) as exc:
+            call()
+        assert exc.value.reason == reason and server.endpoint in str(exc.value)
+        assert server.requests - before == 1  # not retried
+
+
+def test_a_store_that_answered_before_is_retried_as_an_outage(stand_in: Any) -> None:
+    """Connection failures after the endpoint has answered are an outage (retryable, exit 1), not a
+    misconfiguration (exit 2)."""
+    server = stand_in(["ok"])
+    store = Storage(endpoint=server.endpoint, retry_deadline=2, connect_deadline=0.5)
+    assert store.read_text("s3://b/x") == "hello"
+    server.close()
+    with pytest.raises(StorageError) as exc:
+        store.read_text("s3://b/x")
+    assert not isinstance(exc.value, StorageUserError) and "kept failing with" in str(exc.value)
 
 
 def _free_port() -> int:

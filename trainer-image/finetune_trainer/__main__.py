@@ -1,10 +1,13 @@
 """``python -m finetune_trainer --config FILE``: the trainer container's entry point.
 
-Exit codes (the operator's retry policy depends on them):
+Exit codes (``finetune_api.reports``; the operator's retry policy depends on them):
     0  the model, report and manifest are uploaded
-    2  a user error (bad config, bad or missing data/model, unsupported hardware request): an ``error``
-       report with a reason is emitted first; retrying cannot help, so the operator does not retry
-    1  anything else (storage hiccup, OOM, preemption...): retryable, the next attempt resumes
+    2  a user error (bad config, bad or missing data/model, unsupported hardware request, an object store
+       that cannot be reached, refuses access or lacks the bucket, an output that cannot be written): an
+       ``error`` report with a reason is emitted first; retrying cannot help, so the operator does not retry
+    75 interrupted by SIGTERM/SIGINT (see ``finetune_trainer.interrupt``): a checkpoint of the step it stopped
+       at is uploaded when it was training; resumable, not the job's fault
+    1  anything else (crash, storage outage past its retry deadline): retryable, the next attempt resumes
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-EXIT_OK, EXIT_RETRYABLE, EXIT_USER_ERROR = 0, 1, 2
+from finetune_api.reports import EXIT_INTERRUPTED, EXIT_OK, EXIT_RETRYABLE, EXIT_USER_ERROR
+from finetune_trainer import interrupt
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -34,6 +38,15 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse(argv)
+    # First thing: as PID 1 an unhandled SIGTERM is ignored, and the imports below take seconds.
+    interrupt.install()
+    try:
+        return _main(argv, args)
+    except interrupt.Interrupted:  # a signal before the trainer proper started: nothing to report yet
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: list[str], args: argparse.Namespace) -> int:
     # Hubs are opt-in (hf:// URIs); nothing else may reach out to one.
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -47,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from finetune_trainer.config import UserError, load_job
     from finetune_trainer.reporting import Reporter, write_termination_log
+    from finetune_trainer.storage import StorageUserError
     from finetune_trainer.train import run
 
     if not sys.stdout.isatty():
@@ -61,12 +75,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         job = load_job(args.config)
         run(job, reporter, workdir)
+    except interrupt.Interrupted as exc:
+        reporter.error("Interrupted", exc.message)
+        code = EXIT_INTERRUPTED
     except UserError as exc:
         reporter.error(exc.reason, exc.message)
         code = EXIT_USER_ERROR
-    except KeyboardInterrupt:
+    except StorageUserError as exc:
+        reporter.error(exc.reason, str(exc))
+        code = EXIT_USER_ERROR
+    except KeyboardInterrupt:  # SIGINT before interrupt.install() took over
         reporter.error("Interrupted", "the trainer was interrupted; the next attempt resumes from a checkpoint")
-        code = EXIT_RETRYABLE
+        code = EXIT_INTERRUPTED
     except Exception as exc:
         traceback.print_exc()
         reporter.error("TrainerFailed", f"{type(exc).__name__}: {exc}"[:2000])

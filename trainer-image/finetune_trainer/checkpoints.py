@@ -23,7 +23,7 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from finetune_trainer.reporting import Reporter
-from finetune_trainer.storage import Storage, StorageNotFound, join_uri, parse_uri
+from finetune_trainer.storage import Storage, StorageNotFound, StorageUserError, join_uri
 
 MARKER = "_COMPLETE"
 _STEP_DIR = re.compile(r"^checkpoint-(\d+)$")
@@ -58,20 +58,10 @@ def remote_steps(storage: Storage, output_uri: str) -> tuple[list[int], list[int
     return complete, incomplete
 
 
-def _delete_object(storage: Storage, uri: str) -> None:
-    """One object (``delete_prefix`` treats its argument as a directory, so it cannot remove a single key)."""
-    loc = parse_uri(uri)
-    if loc.local is not None:
-        loc.local.unlink(missing_ok=True)
-        return
-    assert loc.bucket is not None
-    storage.client.delete_object(Bucket=loc.bucket, Key=loc.key)
-
-
 def delete_checkpoint(storage: Storage, output_uri: str, step: int) -> None:
     """Marker first: from that instant the checkpoint is 'incomplete' to every reader, whatever happens next."""
     uri = checkpoint_uri(output_uri, step)
-    _delete_object(storage, join_uri(uri, MARKER))
+    storage.delete_file(join_uri(uri, MARKER))
     storage.delete_prefix(uri)
 
 
@@ -234,8 +224,11 @@ class CheckpointUploader(TrainerCallback):
 
     def raise_failed(self) -> None:
         for fut in self._futures:
-            if fut.done() and fut.exception() is not None:
-                raise RuntimeError(f"checkpoint upload failed: {fut.exception()}") from fut.exception()
+            exc = fut.exception() if fut.done() else None
+            if isinstance(exc, StorageUserError):  # keeps its reason: exit 2, not a retry
+                raise exc
+            if exc is not None:
+                raise RuntimeError(f"checkpoint upload failed: {exc}") from exc
 
     def wait(self) -> None:
         """Block until every queued upload is done; re-raises the first failure."""

@@ -16,20 +16,38 @@ Integrity: downloads are written to a temporary file, their size checked against
 ``ContentLength`` (and the sha256 we store in the object's metadata on upload, when present) and only then
 renamed into place, so a reader never sees a half-written file. Uploads record a sha256 per file (for the
 output manifest) and are checked against ``head_object``.
+
+Faults (every S3 call goes through :meth:`Storage._call`):
+
+* transient: throttling (503 SlowDown, 429), other 5xx, dropped connections and read timeouts are retried
+  with exponential backoff and full jitter until ``retry_deadline`` (default 300 s) has passed; then a plain
+  :class:`StorageError` (the trainer exits 1 and the Job retries, resuming from a checkpoint). botocore's own
+  retries (``max_attempts``, adaptive mode) absorb sporadic throttling of single requests and multipart parts.
+* cannot heal: 403/AccessDenied and rejected or missing credentials, NoSuchBucket, an invalid key (``.`` or
+  ``..`` path segments), a local output that cannot be written, and an endpoint that has never answered
+  within ``connect_deadline`` (default 20 s; with ``connect_timeout=5`` and 3 botocore attempts the verdict
+  comes within about 40 s even for a host that drops packets) raise :class:`StorageUserError`, whose
+  ``reason`` goes into the trainer's error report and whose exit code is 2 (never retried). An endpoint that
+  answered before and then stops answering is an outage, not a misconfiguration: it is retried like a 5xx.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import hashlib
 import json
 import os
+import random
 import shutil
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import unquote, urlparse
 
 import boto3
@@ -40,17 +58,44 @@ from botocore.exceptions import (
     BotoCoreError,
     ClientError,
     ConnectionClosedError,
-    EndpointConnectionError,
+    HTTPClientError,
+    IncompleteReadError,
     NoCredentialsError,
 )
+from botocore.exceptions import ConnectionError as BotoConnectionError
+from s3transfer.exceptions import RetriesExceededError
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
-    from mypy_boto3_s3.type_defs import ObjectIdentifierTypeDef
+    from mypy_boto3_s3.type_defs import DeleteObjectsOutputTypeDef, ObjectIdentifierTypeDef
 
 MiB = 1024 * 1024
 SHA256_META = "sha256"  # x-amz-meta-sha256 on objects we upload
 COMPLETE_MARKER = ".complete.json"
+WRITE_CHECK = ".finetune-write-check-"  # a probe object written and deleted at once by check_writable
+
+# Error codes and HTTP statuses that heal by waiting (throttling, overload, server faults).
+TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "TooManyRequests",
+        "RequestLimitExceeded",
+        "RequestThrottled",
+        "ServiceUnavailable",
+        "InternalError",
+        "RequestTimeout",
+        "OperationAborted",
+    }
+)
+TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
+ACCESS_CODES = frozenset({"AccessDenied", "403", "Forbidden", "AllAccessDisabled"})
+CREDENTIAL_CODES = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"})
+NOT_WRITABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+
+T = TypeVar("T")
 
 
 class StorageError(RuntimeError):
@@ -59,6 +104,23 @@ class StorageError(RuntimeError):
 
 class StorageNotFound(StorageError, FileNotFoundError):
     """The bucket, key, prefix or local path does not exist."""
+
+
+class StorageUserError(StorageError):
+    """Retrying cannot fix it; the job's storage settings must change. ``reason`` (``StorageUnreachable``,
+    ``StorageAccessDenied``, ``NoSuchBucket``, ``OutputNotWritable``, ``InvalidStorageKey``) goes into the
+    trainer's error report, which then exits 2."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class NoSuchBucket(StorageUserError, StorageNotFound):
+    """The bucket does not exist (also a StorageNotFound, for callers that only ask "is it there?")."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("NoSuchBucket", message)
 
 
 class IntegrityError(StorageError):
@@ -97,16 +159,28 @@ class Location:
         return self.key if not self.key or self.key.endswith("/") else self.key + "/"
 
 
+def _refuse_dot_segments(uri: str, path: str) -> None:
+    if any(part in (".", "..") for part in path.split("/")):
+        raise StorageUserError(
+            "InvalidStorageKey",
+            f"{uri}: '.' and '..' path segments are not allowed (object stores keep, resolve or refuse them "
+            "differently); write the key without them",
+        )
+
+
 def parse_uri(uri: str) -> Location:
-    """Split ``s3://bucket/key``, ``file:///abs/path`` or a plain path; other schemes are refused."""
+    """Split ``s3://bucket/key``, ``file:///abs/path`` or a plain path; other schemes are refused, and so are
+    ``.``/``..`` segments in s3:// and file:// URIs (plain local paths are the CLI user's own business)."""
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise StorageError(f"{uri}: no bucket name; expected s3://bucket/key")
+        _refuse_dot_segments(uri, parsed.path)
         return Location(uri=uri, bucket=parsed.netloc, key=parsed.path.lstrip("/"))
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
             raise StorageError(f"{uri}: file:// URIs must be local (file:///absolute/path)")
+        _refuse_dot_segments(uri, unquote(parsed.path))
         return Location(uri=uri, local=Path(unquote(parsed.path)))
     # A one-letter "scheme" is a Windows drive, anything with no scheme is a local path.
     if parsed.scheme and len(parsed.scheme) > 1:
@@ -134,6 +208,50 @@ def _code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
 
+def _status(exc: ClientError) -> int | None:
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return int(status) if status is not None else None
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """boto3's transfer manager wraps the real error (S3UploadFailedError, RetriesExceededError)."""
+    if isinstance(exc, S3UploadFailedError | RetriesExceededError):
+        cause = exc.__cause__ or exc.__context__ or getattr(exc, "last_exception", None)
+        if isinstance(cause, BaseException):
+            return cause
+    return exc
+
+
+def classify(exc: BaseException) -> Literal["transient", "connect", "fatal"]:
+    """How a failed S3 call may heal: ``transient`` (throttling, 5xx, dropped connection: wait and retry),
+    ``connect`` (no connection at all: retry briefly, and only where the endpoint has answered before) or
+    ``fatal`` (a 4xx answer, missing credentials, anything else: retrying returns the same)."""
+    exc = _unwrap(exc)
+    if isinstance(exc, ClientError):
+        status = _status(exc)
+        if _code(exc) in TRANSIENT_CODES or (status is not None and status in TRANSIENT_STATUSES):
+            return "transient"
+        return "fatal"
+    if isinstance(exc, BotoConnectionError):  # refused, DNS failure, connect timeout, proxy
+        return "connect"
+    if isinstance(exc, HTTPClientError | IncompleteReadError | RetriesExceededError):  # dropped, read timeout
+        return "transient"
+    if isinstance(exc, S3UploadFailedError):  # no cause to look at: the message is all there is
+        text = str(exc)
+        return "transient" if any(code in text for code in TRANSIENT_CODES) else "fatal"
+    return "fatal"
+
+
+def _not_writable(exc: OSError, uri: str, path: Path) -> StorageError:
+    if exc.errno in NOT_WRITABLE:
+        return StorageUserError(
+            "OutputNotWritable",
+            f"write {uri}: {path} is not writable ({os.strerror(exc.errno or 0)}); choose an output location "
+            "this pod may write to",
+        )
+    return StorageError(f"write {uri}: {type(exc).__name__}: {exc}")
+
+
 def _walk_files(root: Path) -> Iterator[Path]:
     """Files under ``root`` in a stable order (sorted), skipping our temporary files."""
     for path in sorted(root.rglob("*")):
@@ -149,8 +267,11 @@ class Storage:
         endpoint: str | None = None,
         region: str | None = None,
         *,
-        max_attempts: int = 8,
+        max_attempts: int = 2,
         retry_mode: Literal["standard", "adaptive"] = "adaptive",
+        retry_deadline: float = 300.0,
+        connect_deadline: float = 20.0,
+        connect_timeout: float = 5.0,
         multipart_threshold: int = 64 * MiB,
         multipart_chunksize: int = 64 * MiB,
         max_concurrency: int = 8,
@@ -158,11 +279,17 @@ class Storage:
         self.endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         self.region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         # "adaptive" adds client-side rate limiting on top of "standard" retries (throttling, 5xx, dropped
-        # connections), which is what a store that throttles a checkpoint upload burst needs.
+        # connections), which is what a store that throttles a checkpoint upload burst needs. These few
+        # in-request retries absorb a sporadic 503 on one multipart part; _call retries whole operations
+        # with backoff up to a deadline.
+        self.retry_deadline = retry_deadline
+        self.connect_deadline = connect_deadline
+        self.backoff_base, self.backoff_cap = 0.5, 20.0
+        self.reached = False  # did the endpoint ever answer (any HTTP response, errors included)?
         self._config = Config(
             region_name=self.region,
             retries={"max_attempts": max_attempts, "mode": retry_mode},
-            connect_timeout=10,
+            connect_timeout=connect_timeout,
             read_timeout=120,
             # S3-compatible stores (MinIO, Ceph, moto) are usually addressed by path, not virtual host.
             s3={"addressing_style": "path"} if self.endpoint else {},
@@ -178,10 +305,53 @@ class Storage:
     def client(self) -> S3Client:
         """Created on first S3 use, so purely local work needs no AWS configuration at all."""
         if self._client is None:
-            self._client = boto3.session.Session().client(
+            client = boto3.session.Session().client(
                 "s3", endpoint_url=self.endpoint, region_name=self.region, config=self._config
             )
+            client.meta.events.register("after-call.s3", self._answered)  # any HTTP response, errors too
+            self._client = client
         return self._client
+
+    def _answered(self, **_kwargs: Any) -> None:
+        self.reached = True
+
+    def _call(self, uri: str, action: str, fn: Callable[[], T]) -> T:
+        """``fn()`` (one S3 operation), retried while the failure may heal (see :func:`classify`): with
+        exponential backoff and full jitter up to ``retry_deadline``; connection failures of an endpoint that
+        never answered only up to ``connect_deadline``, then StorageUnreachable. A fatal error is re-raised
+        as it is, for the caller to map (a 404 is often an answer, not an error)."""
+        start, attempt = time.monotonic(), 0
+        while True:
+            try:
+                return fn()
+            except (ClientError, BotoCoreError, S3UploadFailedError, RetriesExceededError) as exc:
+                kind = classify(exc)
+                if kind == "fatal":
+                    raise
+                unreachable = kind == "connect" and not self.reached
+                limit = self.connect_deadline if unreachable else self.retry_deadline
+                elapsed = time.monotonic() - start
+                attempt += 1
+                if elapsed >= limit:
+                    raise self._gave_up(_unwrap(exc), uri, action, attempt, elapsed, unreachable) from None
+                delay = random.uniform(0, min(self.backoff_cap, self.backoff_base * 2**attempt))
+                time.sleep(min(delay, limit - elapsed))  # a last attempt at the deadline
+
+    def _gave_up(
+        self, exc: BaseException, uri: str, action: str, attempts: int, elapsed: float, unreachable: bool
+    ) -> StorageError:
+        where = f"endpoint {self.endpoint}" if self.endpoint else f"the S3 endpoint of region {self.region}"
+        tried = f"{attempts} attempts over {elapsed:.0f} s"
+        if unreachable:
+            return StorageUserError(
+                "StorageUnreachable",
+                f"{action} {uri}: cannot reach the object store at {where} ({type(exc).__name__}; {tried}); "
+                "check spec.storage.endpoint and the network path from the pod",
+            )
+        what = f"{_code(exc)} (HTTP {_status(exc)})" if isinstance(exc, ClientError) else type(exc).__name__
+        return StorageError(
+            f"{action} {uri}: the object store at {where} kept failing with {what}; gave up after {tried}"
+        )
 
     # ---- errors -------------------------------------------------------------------------------------
 
@@ -190,11 +360,12 @@ class Storage:
         response body or request (a signature mismatch response can echo the access key id)."""
         where = f" at endpoint {self.endpoint}" if self.endpoint else ""
         if isinstance(exc, NoCredentialsError):
-            return StorageError(
+            return StorageUserError(
+                "StorageAccessDenied",
                 f"{action} {uri}: no S3 credentials found; set spec.storage.secretRef (AWS_ACCESS_KEY_ID / "
-                "AWS_SECRET_ACCESS_KEY) or give the pod an IAM role"
+                "AWS_SECRET_ACCESS_KEY) or give the pod an IAM role",
             )
-        if isinstance(exc, EndpointConnectionError | ConnectionClosedError):
+        if isinstance(exc, BotoConnectionError | ConnectionClosedError):
             return StorageError(
                 f"{action} {uri}: cannot reach the object store{where}; check spec.storage.endpoint and "
                 "the network path from the pod"
@@ -207,22 +378,25 @@ class Storage:
             return self._no_bucket(uri, action)
         if code in ("NoSuchKey", "404", "NotFound"):
             return StorageNotFound(f"{action} {uri}: no such object; check the key/path")
-        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"):
-            return StorageError(
+        if code in CREDENTIAL_CODES:
+            return StorageUserError(
+                "StorageAccessDenied",
                 f"{action} {uri}: the object store rejected the credentials ({code}){where}; check the "
-                "credentials Secret (spec.storage.secretRef) and that it belongs to this endpoint"
+                "credentials Secret (spec.storage.secretRef) and that it belongs to this endpoint",
             )
-        if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled"):
-            return StorageError(
-                f"{action} {uri}: access denied ({code}){where}; check the credentials Secret "
-                "(spec.storage.secretRef) and that they may use this bucket and prefix (bucket policy / IAM)"
+        if code in ACCESS_CODES or status == 403:
+            return StorageUserError(
+                "StorageAccessDenied",
+                f"{action} {uri}: access denied ({code or 'HTTP 403'}){where}; check the credentials Secret "
+                "(spec.storage.secretRef) and that they may use this bucket and prefix (bucket policy / IAM)",
             )
         return StorageError(f"{action} {uri}: object store error {code or 'unknown'} (HTTP {status}){where}")
 
     def _bucket_exists(self, loc: Location, action: str) -> bool:
         assert loc.bucket is not None
         try:
-            self.client.head_bucket(Bucket=loc.bucket)
+            bucket = loc.bucket
+            self._call(loc.uri, action, lambda: self.client.head_bucket(Bucket=bucket))
         except ClientError as exc:
             if _code(exc) in ("404", "NoSuchBucket", "NotFound"):
                 return False
@@ -231,9 +405,9 @@ class Storage:
             raise self._error(exc, loc.uri, action) from None
         return True
 
-    def _no_bucket(self, uri: str, action: str) -> StorageNotFound:
+    def _no_bucket(self, uri: str, action: str) -> NoSuchBucket:
         where = f" at endpoint {self.endpoint}" if self.endpoint else ""
-        return StorageNotFound(
+        return NoSuchBucket(
             f"{action} {uri}: bucket {parse_uri(uri).bucket!r} does not exist{where}; check the bucket name, "
             "spec.storage.endpoint and region"
         )
@@ -248,7 +422,8 @@ class Storage:
         """The object's head, or None when the key does not exist (a missing bucket is an error)."""
         assert loc.bucket is not None
         try:
-            return dict(self.client.head_object(Bucket=loc.bucket, Key=loc.key))
+            bucket = loc.bucket
+            return dict(self._call(loc.uri, action, lambda: self.client.head_object(Bucket=bucket, Key=loc.key)))
         except ClientError as exc:
             if _code(exc) not in ("404", "NoSuchKey", "NotFound"):
                 raise self._error(exc, loc.uri, action) from None
@@ -261,17 +436,21 @@ class Storage:
     def _objects(self, loc: Location, action: str) -> list[tuple[str, int, str]]:
         """(relative key, size, etag) of every object under the prefix, sorted by key."""
         assert loc.bucket is not None
-        prefix = loc.prefix
-        out: list[tuple[str, int, str]] = []
-        try:
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix):
+        prefix, bucket = loc.prefix, loc.bucket
+
+        def listing() -> list[tuple[str, int, str]]:  # retried as a whole: pages of a listing belong together
+            out: list[tuple[str, int, str]] = []
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
                 for obj in page.get("Contents", []):
                     rel = obj["Key"][len(prefix) :]
                     if rel and not rel.endswith("/"):  # "folder" placeholder objects carry no data
                         out.append((rel, int(obj["Size"]), str(obj.get("ETag", "")).strip('"')))
+            return out
+
+        try:
+            return sorted(self._call(loc.uri, action, listing))
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, loc.uri, action) from None
-        return sorted(out)
 
     # ---- single files -------------------------------------------------------------------------------
 
@@ -292,11 +471,16 @@ class Storage:
                     raise StorageNotFound(f"download {uri}: no such object in bucket {loc.bucket!r}; check the key")
                 expected_size = int(head["ContentLength"])
                 expected_sha = head.get("Metadata", {}).get(SHA256_META)
+                bucket = loc.bucket
+                assert bucket is not None
                 try:
-                    assert loc.bucket is not None
-                    self.client.download_file(loc.bucket, loc.key, str(tmp), Config=self.transfer)
-                except (ClientError, BotoCoreError) as exc:
-                    raise self._error(exc, uri, "download") from None
+                    self._call(
+                        uri,
+                        "download",
+                        lambda: self.client.download_file(bucket, loc.key, str(tmp), Config=self.transfer),
+                    )
+                except (ClientError, BotoCoreError, RetriesExceededError) as exc:
+                    raise self._error(_unwrap(exc), uri, "download") from None  # type: ignore[arg-type]
             size = tmp.stat().st_size
             if size != expected_size:
                 raise IntegrityError(f"download {uri}: got {size} bytes, expected {expected_size}; retry")
@@ -315,18 +499,26 @@ class Storage:
         size, sha = path.stat().st_size, _sha256_file(path)
         loc = parse_uri(uri)
         if loc.local is not None:
-            loc.local.parent.mkdir(parents=True, exist_ok=True)
             tmp = loc.local.with_name(f"{loc.local.name}.partial-{uuid.uuid4().hex[:8]}")
             try:
+                loc.local.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(path, tmp)
                 os.replace(tmp, loc.local)
+            except OSError as exc:
+                raise _not_writable(exc, uri, loc.local) from None
             finally:
-                tmp.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # a read-only file system refuses even this
+                    tmp.unlink(missing_ok=True)
             return FileRecord(path=path.name, size=size, sha256=sha, uri=uri)
-        assert loc.bucket is not None
+        bucket = loc.bucket
+        assert bucket is not None
         try:
-            self.client.upload_file(
-                str(path), loc.bucket, loc.key, ExtraArgs={"Metadata": {SHA256_META: sha}}, Config=self.transfer
+            self._call(
+                uri,
+                "upload",
+                lambda: self.client.upload_file(
+                    str(path), bucket, loc.key, ExtraArgs={"Metadata": {SHA256_META: sha}}, Config=self.transfer
+                ),
             )
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, uri, "upload") from None
@@ -347,9 +539,12 @@ class Storage:
             return loc.local.is_file() or (loc.local.is_dir() and any(_walk_files(loc.local)))
         if loc.key and not loc.key.endswith("/") and self._head(loc, "check") is not None:
             return True
-        assert loc.bucket is not None
+        bucket = loc.bucket
+        assert bucket is not None
         try:
-            resp = self.client.list_objects_v2(Bucket=loc.bucket, Prefix=loc.prefix, MaxKeys=1)
+            resp = self._call(
+                uri, "check", lambda: self.client.list_objects_v2(Bucket=bucket, Prefix=loc.prefix, MaxKeys=1)
+            )
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, uri, "check") from None
         return int(resp.get("KeyCount", 0)) > 0
@@ -360,9 +555,10 @@ class Storage:
             if not loc.local.is_file():
                 raise StorageNotFound(f"read {uri}: no such file {loc.local}; check the path")
             return loc.local.read_text(encoding=encoding)
-        assert loc.bucket is not None
-        try:
-            body = self.client.get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
+        bucket = loc.bucket
+        assert bucket is not None
+        try:  # the body is read inside the retried call: a connection dropped mid-body is retried too
+            body = self._call(uri, "read", lambda: self.client.get_object(Bucket=bucket, Key=loc.key)["Body"].read())
         except ClientError as exc:
             missing = _code(exc) in ("404", "NoSuchKey")
             raise (self._missing(loc, "read") if missing else self._error(exc, uri, "read")) from None
@@ -376,17 +572,61 @@ class Storage:
         sha = hashlib.sha256(data).hexdigest()
         name = uri.rstrip("/").rsplit("/", 1)[-1]
         if loc.local is not None:
-            loc.local.parent.mkdir(parents=True, exist_ok=True)
             tmp = loc.local.with_name(f"{loc.local.name}.partial-{uuid.uuid4().hex[:8]}")
-            tmp.write_bytes(data)
-            os.replace(tmp, loc.local)  # readers (e.g. a manifest poller) never see half a file
-        else:
-            assert loc.bucket is not None
             try:
-                self.client.put_object(Bucket=loc.bucket, Key=loc.key, Body=data, Metadata={SHA256_META: sha})
+                loc.local.parent.mkdir(parents=True, exist_ok=True)
+                tmp.write_bytes(data)
+                os.replace(tmp, loc.local)  # readers (e.g. a manifest poller) never see half a file
+            except OSError as exc:
+                raise _not_writable(exc, uri, loc.local) from None
+            finally:
+                with contextlib.suppress(OSError):  # a read-only file system refuses even this
+                    tmp.unlink(missing_ok=True)
+        else:
+            bucket = loc.bucket
+            assert bucket is not None
+            try:
+                self._call(
+                    uri,
+                    "write",
+                    lambda: self.client.put_object(Bucket=bucket, Key=loc.key, Body=data, Metadata={SHA256_META: sha}),
+                )
             except (ClientError, BotoCoreError) as exc:
                 raise self._error(exc, uri, "write") from None
         return FileRecord(path=name, size=len(data), sha256=sha, uri=uri)
+
+    def _delete_batch(self, bucket: str, batch: list[ObjectIdentifierTypeDef]) -> DeleteObjectsOutputTypeDef:
+        return self.client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+
+    def delete_file(self, uri: str) -> None:
+        """Delete one object/file (``delete_prefix`` treats its argument as a directory); missing is fine."""
+        loc = parse_uri(uri)
+        if loc.local is not None:
+            try:
+                loc.local.unlink(missing_ok=True)
+            except OSError as exc:
+                raise _not_writable(exc, uri, loc.local) from None
+            return
+        bucket = loc.bucket
+        assert bucket is not None
+        try:
+            self._call(uri, "delete", lambda: self.client.delete_object(Bucket=bucket, Key=loc.key))
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, uri, "delete") from None
+
+    def check_writable(self, uri: str) -> None:
+        """Write and delete a small probe object under ``uri`` (a "directory"): an output that cannot be
+        written (read-only path, 403, no such bucket, unreachable store) fails before any work is done,
+        not at the first checkpoint. Rotation deletes checkpoints, so the delete is part of the check."""
+        loc = parse_uri(uri)
+        probe = join_uri(uri, f"{WRITE_CHECK}{uuid.uuid4().hex[:12]}")
+        if loc.local is not None:
+            try:
+                loc.local.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise _not_writable(exc, uri, loc.local) from None
+        self.write_text(probe, "probe\n")
+        self.delete_file(probe)
 
     # ---- prefixes ("directories") ------------------------------------------------------------------
 
@@ -432,17 +672,20 @@ class Storage:
             if not loc.local.exists():
                 return 0
             count = len(list(_walk_files(loc.local))) if loc.local.is_dir() else 1
-            if loc.local.is_dir():
-                shutil.rmtree(loc.local)
-            else:
-                loc.local.unlink()
+            try:
+                if loc.local.is_dir():
+                    shutil.rmtree(loc.local)
+                else:
+                    loc.local.unlink()
+            except OSError as exc:
+                raise _not_writable(exc, uri, loc.local) from None
             return count
         assert loc.bucket is not None
         keys = [loc.prefix + rel for rel, _, _ in self._objects(loc, "delete")]
         for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
             batch: list[ObjectIdentifierTypeDef] = [{"Key": k} for k in keys[start : start + 1000]]
             try:
-                resp = self.client.delete_objects(Bucket=loc.bucket, Delete={"Objects": batch, "Quiet": True})
+                resp = self._call(uri, "delete", functools.partial(self._delete_batch, loc.bucket, batch))
             except (ClientError, BotoCoreError) as exc:
                 raise self._error(exc, uri, "delete") from None
             if resp.get("Errors"):

@@ -26,17 +26,17 @@ from transformers import EarlyStoppingCallback, PreTrainedModel, Trainer, Traini
 from finetune_api.resolve import ResolvedTraining
 from finetune_api.spec import FineTuneJobSpec, MethodType, Optimizer, Task
 from finetune_api.status import FineTuneJob
-from finetune_trainer import evaluate
+from finetune_trainer import evaluate, interrupt
 from finetune_trainer.checkpoints import CheckpointUploader, checkpoint_uri, download_latest, remote_steps, step_of
 from finetune_trainer.config import UserError, architecture, resolve_job
 from finetune_trainer.data import DataError, PreparedData, make_collator, prepare_data
 from finetune_trainer.distributed import deepspeed_config, ensure_single_process_env, is_main_process
 from finetune_trainer.distributed import resolve_precision as _precision
 from finetune_trainer.modeling import apply_method, load_base_model, load_tokenizer, model_type_of, parameter_counts
-from finetune_trainer.progress import ProgressCallback
+from finetune_trainer.progress import ProgressCallback, StopOnSignal
 from finetune_trainer.report import flops_estimate, memory_estimate, peak_memory, write_report
 from finetune_trainer.reporting import Reporter, clean_metrics, write_termination_log
-from finetune_trainer.storage import FileRecord, Storage, StorageNotFound, join_uri, storage_for
+from finetune_trainer.storage import FileRecord, Storage, StorageNotFound, StorageUserError, join_uri, storage_for
 
 OPTIMIZERS = {
     Optimizer.ADAMW: "adamw_torch",
@@ -108,6 +108,8 @@ def fetch_inputs(storage: Storage, spec: FineTuneJobSpec, cache: Path) -> Inputs
             return _hub_download(uri[len("hf://") :], cache)
         try:
             return storage.cached_download(uri, cache)
+        except StorageUserError as exc:  # unreachable store, access denied, no such bucket: name the field
+            raise UserError(exc.reason, f"{what}: {exc}") from None
         except StorageNotFound as exc:
             raise UserError(reason, f"{what} {uri} not found: {exc}") from None
 
@@ -358,6 +360,18 @@ def upload_outputs(storage: Storage, output_uri: str, dirs: dict[str, Path]) -> 
     return files
 
 
+def _interrupted_message(output_uri: str, stopped_at: int | None) -> str:
+    elapsed = interrupt.seconds_since_signal() or 0.0
+    if stopped_at is None:
+        what = "after the last training step; the next attempt resumes from the newest complete checkpoint"
+    else:
+        what = (
+            f"at step {stopped_at}; checkpoint {checkpoint_uri(output_uri, stopped_at)} is uploaded and the next "
+            "attempt resumes from it"
+        )
+    return f"{interrupt.STATE.name} received: training stopped {what} ({elapsed:.1f} s after the signal)"
+
+
 # ---- the flow ------------------------------------------------------------------------------------------------
 
 
@@ -374,6 +388,8 @@ def run(job: FineTuneJob, reporter: Reporter, workdir: Path) -> Outcome:
 
     with stages("downloading"):
         if main:
+            # Before a possibly long download: an output that cannot be written fails now, as a user error.
+            storage.check_writable(spec.output.uri)
             inputs = fetch_inputs(storage, spec, cache)
         _barrier()
         if not main:
@@ -423,7 +439,8 @@ def run(job: FineTuneJob, reporter: Reporter, workdir: Path) -> Outcome:
             owner=job.metadata.uid,
         )
         progress = ProgressCallback(reporter)
-        callbacks: list[Any] = [progress, uploader]
+        stop_on_signal = StopOnSignal(reporter)
+        callbacks: list[Any] = [progress, uploader, stop_on_signal]
         stopper = early_stopping(spec)
         if stopper is not None:
             callbacks.append(stopper)
@@ -445,7 +462,7 @@ def run(job: FineTuneJob, reporter: Reporter, workdir: Path) -> Outcome:
 
     resumed_from = step_of(resume)
     message = f"resuming from checkpoint {resumed_from}" if resume else None
-    with stages("training", message=message):
+    with stages("training", message=message), interrupt.deferred():
         try:
             result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         except BaseException:
@@ -455,8 +472,10 @@ def run(job: FineTuneJob, reporter: Reporter, workdir: Path) -> Outcome:
             except Exception as upload_exc:
                 print(f"checkpoint upload failed while stopping: {upload_exc}", file=sys.stderr)
             raise
-        uploader.wait()
+        uploader.wait()  # after a signal: the final checkpoint, with its marker
     state = trainer.state
+    if interrupt.STATE.requested:  # nothing more is written to the output: no evaluation, model or manifest
+        raise interrupt.Interrupted(_interrupted_message(spec.output.uri, stop_on_signal.stopped_at))
 
     with stages("evaluating"):
         eval_metrics = trainer.evaluate() if data.eval is not None else {}
