@@ -890,6 +890,33 @@ def test_sigterm_before_training_exits_at_once_and_writes_nothing(env: Env) -> N
     assert _output_listing(env) == {}
 
 
+@pytest.mark.slow
+def test_sigterm_while_evaluating_after_training_exits_at_once_without_final_outputs(env: Env) -> None:
+    """SIGTERM in the evaluation after training: exit at once (interrupted), and no final model, report or
+    manifest appears; only the checkpoints written during training are there."""
+    from finetune_trainer.checkpoints import remote_steps
+
+    lines = pattern_lines(60)
+    config = env.job(
+        {
+            "model": {"uri": env.model("gpt2", lines)},
+            "task": "causal-lm",
+            "dataset": {"train": env.data("lines.txt", lines), "split": {"validationRatio": 0.2}},
+            "hyperparameters": {"maxSteps": 6, "batchSize": 4, "blockSize": 32},
+            "evaluation": {"maxSamples": 8, "maxNewTokens": 16},
+            "checkpoints": {"everySteps": 3},
+        }
+    )
+    stopped = _sigterm_when(
+        env, config, "wd", lambda r: r.kind == ReportKind.STAGE and r.stage == "evaluating" and not r.message
+    )
+    assert_interrupted(stopped)
+    assert not [r for r in stopped.run.of(ReportKind.STAGE) if r.stage in ("stopping", "uploading")]
+    assert stopped.seconds_to_exit < 10, stopped.seconds_to_exit
+    assert remote_steps(env.store, env.out) == ([3, 6], [])
+    assert {rel.split("/")[0] for rel in _output_listing(env)} == {"checkpoints"}
+
+
 def test_unusable_output_is_a_user_error_before_any_download(env: Env, capsys: Any, monkeypatch: Any) -> None:
     """An output the trainer cannot write fails at once as a user error (exit 2), not at the first checkpoint
     and not as a retry: a missing bucket, a key with '..' segments."""

@@ -39,11 +39,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse(argv)
     # First thing: as PID 1 an unhandled SIGTERM is ignored, and the imports below take seconds.
-    interrupt.install()
+    previous = interrupt.install()
     try:
         return _main(argv, args)
     except interrupt.Interrupted:  # a signal before the trainer proper started: nothing to report yet
         return EXIT_INTERRUPTED
+    finally:
+        interrupt.restore(previous)
 
 
 def _main(argv: list[str], args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
+from typing import Any
 
 
 class Interrupted(Exception):
@@ -65,10 +66,21 @@ def _handler(signum: int, _frame: FrameType | None) -> None:
     raise Interrupted(f"{signal.Signals(signum).name} received; stopped before finishing")
 
 
-def install() -> None:
-    """Handle SIGTERM and SIGINT in this (main) thread. Idempotent; needed for PID 1 (see module doc)."""
-    signal.signal(signal.SIGTERM, _handler)
-    signal.signal(signal.SIGINT, _handler)
+Handlers = dict[int, Any]
+
+
+def install() -> Handlers:
+    """Handle SIGTERM and SIGINT in this (main) thread, forgetting any earlier signal; needed for PID 1 (see
+    the module doc). Returns the previous handlers, for :func:`restore`."""
+    reset()
+    return {signum: signal.signal(signum, _handler) for signum in (signal.SIGTERM, signal.SIGINT)}
+
+
+def restore(previous: Handlers) -> None:
+    """Put back what :func:`install` replaced (``main`` called in-process, e.g. by tests)."""
+    for signum, handler in previous.items():
+        if handler is not None:  # None: installed outside Python, nothing we can put back
+            signal.signal(signum, handler)
 
 
 def reset() -> None:
