@@ -935,6 +935,31 @@ def test_unusable_output_is_a_user_error_before_any_download(env: Env, capsys: A
     assert env.store.list_prefix(f"s3://{env.bucket}/runs/") == []
 
 
+def test_unreachable_storage_endpoint_is_a_user_error_within_a_minute(env: Env, capsys: Any, monkeypatch: Any) -> None:
+    """spec.storage.endpoint where nothing listens: exit 2 with StorageUnreachable, the endpoint named, in well
+    under the 2 minutes a job may take to reach this verdict (it took 10 min 35 s with 4 retried pods)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # free a moment ago: nothing listens there
+    spec = {
+        "model": {"uri": f"s3://{env.bucket}/models/gpt2"},
+        "task": "causal-lm",
+        "dataset": {"train": f"s3://{env.bucket}/data/lines.txt"},
+        "storage": {"endpoint": f"http://127.0.0.1:{port}"},
+    }
+    start = time.monotonic()
+    run = env.run_in_process(spec, capsys, monkeypatch)
+    elapsed = time.monotonic() - start
+    assert run.rc == 2, run.explain()
+    errors = run.of(ReportKind.ERROR)
+    assert [e.reason for e in errors] == ["StorageUnreachable"], run.explain()
+    assert f"http://127.0.0.1:{port}" in (errors[0].message or "") and env.out in (errors[0].message or "")
+    assert run.termination is not None and run.termination["reason"] == "StorageUnreachable"
+    assert elapsed < 60, elapsed
+
+
 def test_qlora_on_cpu_is_a_user_error(env: Env, capsys: Any, monkeypatch: Any) -> None:
     """QLoRA needs CUDA + bitsandbytes; without a GPU the trainer must fail fast with exit 2 (not retried)
     and say why, in an error report and in the termination log. (The real QLoRA path needs a GPU:
