@@ -438,6 +438,23 @@ class RunPolicy(ApiModel):
     suspend: bool = Field(default=False, description="Suspended jobs have no pods; unsuspend to resume.")
 
 
+class WebhookSecretRef(ApiModel):
+    """A key of a Secret in the job's namespace that holds the webhook URL (URLs often carry a token)."""
+
+    name: str = Field(min_length=1, description="Secret name (same namespace as the job).")
+    key: str = Field(default="url", min_length=1, description="Key holding the URL. Default: url.")
+
+
+class NotificationSpec(ApiModel):
+    """Tell another system when the job ends."""
+
+    webhook: WebhookSecretRef = Field(
+        description="POST a JSON document (docs/notifications.md: job, namespace, phase, reason, message, metrics, "
+        "output URI) to this URL once when the job reaches Succeeded or Failed, retried with backoff. The URL is "
+        "read from the Secret by a short-lived pod, never by the operator."
+    )
+
+
 class FineTuneJobSpec(ApiModel):
     """What to fine-tune, on what data, how, and where the result goes."""
 
@@ -453,6 +470,7 @@ class FineTuneJobSpec(ApiModel):
     output: OutputSpec = Field(description="Where checkpoints, the model and the report go.")
     storage: StorageSpec = Field(default_factory=StorageSpec, description="Object-store access.")
     run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Retries, deadlines, cleanup.")
+    notification: NotificationSpec | None = Field(default=None, description="A webhook called when the job ends.")
     image: str | None = Field(
         default=None,
         description="Trainer image, under one of the platform's allowed image prefixes (matched by whole registry "

@@ -117,6 +117,9 @@ class FineTuneJobStatus(ApiModel):
     metrics: dict[str, float] = Field(default_factory=dict, description="Latest metrics (train and eval).")
     checkpoints: list[CheckpointRecord] = Field(default_factory=list, description="Uploaded checkpoints kept.")
     output: OutputRecord | None = Field(default=None, description="The final model, once uploaded.")
+    notified: str | None = Field(
+        default=None, description="The terminal phase whose notification pod was started (spec.notification)."
+    )
 
 
 class FineTuneJobMeta(ApiModel):

@@ -7,11 +7,12 @@ already made instead of creating a second one.
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
 import yaml
 
-from finetune_api.spec import FineTuneJobSpec
+from finetune_api.spec import FineTuneJobSpec, NotificationSpec
 from finetune_api.status import FineTuneJob, FineTuneJobMeta
 
 LABEL_JOB = "finetune.dev/job-name"
@@ -223,4 +224,62 @@ def build_workload(
             "labels": job_labels,
         },
         "spec": job_spec,
+    }
+
+
+def notifier_name(job_name: str) -> str:
+    return child_name(job_name, "notify")
+
+
+def build_notifier(
+    meta: dict[str, Any], notification: NotificationSpec, payload: dict[str, Any], image: str, image_pull_policy: str
+) -> dict[str, Any]:
+    """A one-pod Job that POSTs the verdict to the tenant's webhook (spec.notification), as restricted as the
+    trainer and with the URL only as a secretKeyRef. Owned by the FineTuneJob like the trainer's Job."""
+    ref = notification.webhook
+    pod_labels = labels(meta, "notifier")
+    container = {
+        "name": "notify",
+        "image": image,
+        "imagePullPolicy": image_pull_policy,
+        "command": ["python", "-m", "finetune_operator.notify"],
+        "env": [
+            {"name": "NOTIFY_URL", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}},
+            {"name": "NOTIFY_PAYLOAD", "value": json.dumps(payload, sort_keys=True)},
+        ],
+        "resources": {
+            "requests": {"cpu": "50m", "memory": "64Mi"},
+            "limits": {"cpu": "200m", "memory": "128Mi"},
+        },
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": notifier_name(meta["name"]), "namespace": meta.get("namespace"), "labels": pod_labels},
+        "spec": {
+            "backoffLimit": 2,
+            "activeDeadlineSeconds": 600,
+            "template": {
+                "metadata": {"labels": pod_labels},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": TRAINER_UID,
+                        "runAsGroup": TRAINER_UID,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "containers": [container],
+                },
+            },
+        },
     }

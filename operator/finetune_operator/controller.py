@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,7 @@ from finetune_operator.metrics import Metrics
 from finetune_operator.observe import JobView, Observation, PodView, reports_from_text
 from finetune_operator.reconcile import (
     TERMINAL,
+    CreateNotifier,
     CreateWorkload,
     Decision,
     DeleteWorkload,
@@ -40,6 +42,7 @@ from finetune_operator.reconcile import (
     StopWorkload,
     SyncConfig,
     decide,
+    notify,
     queued,
     rejected,
     spec_size_problem,
@@ -152,6 +155,13 @@ class Controller:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def notifier_image(self) -> str:
+        """The operator's own image (the chart sets FINETUNE_OPERATOR_IMAGE); the trainer image also has it."""
+        return os.environ.get("FINETUNE_OPERATOR_IMAGE") or self.cfg.defaults.image
+
+    def _pull_policy(self) -> str:
+        return self.cfg.defaults.image_pull_policy
 
     def _snapshot(self) -> list[tuple[str, str, int]]:
         out = []
@@ -344,6 +354,7 @@ class Controller:
             now=dt.datetime.now(dt.UTC),
             start_deadline_seconds=self.cfg.start_deadline_seconds,
         )
+        decision = notify(decision, record.ref, record.spec, self.notifier_image(), self._pull_policy())
         decision = await self._apply(record, status, decision)
         waiting = self.queued.setdefault(record.namespace, set())
         if decision.status.phase == Phase.QUEUED and obs.job is None:
@@ -408,6 +419,14 @@ class Controller:
                     await self._run(self.kube.stop_job, ns, action.name)
                 elif isinstance(action, PostEvent):
                     await self._event(record, action.type, action.reason, action.message)
+                elif isinstance(action, CreateNotifier):
+                    try:
+                        if await self._run(self.kube.create, action.job):
+                            await self._event(record, "Normal", "Notifying", "started the notification pod")
+                    except ApiException as exc:  # a notification never changes the verdict
+                        if exc.status not in REJECTED_STATUSES and exc.status != 403:
+                            raise
+                        await self._event(record, "Warning", "NotificationFailed", api_message(exc))
             except ApiException as exc:
                 if exc.status == 403 and isinstance(action, CreateWorkload) and "exceeded quota" in str(exc.body):
                     # count/jobs.batch (or similar) quota: wait for a ResourceQuota change, not a retry loop.

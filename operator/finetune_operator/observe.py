@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from finetune_api.reports import Report, ReportKind, parse_reports
+from finetune_api.reports import EXIT_INTERRUPTED, EXIT_USER_ERROR, Report, ReportKind, parse_reports
 from finetune_api.status import (
     CheckpointRecord,
     Condition,
@@ -26,8 +26,10 @@ from finetune_api.status import (
 )
 
 _PODS_REMEMBERED = 32
-USER_ERROR_EXIT_CODE = 2  # the trainer's "your config or data is wrong": retrying cannot help
-INTERRUPTED_EXIT_CODE = 143  # the trainer saved a checkpoint on SIGTERM and stopped: resumable, not its fault
+USER_ERROR_EXIT_CODE = EXIT_USER_ERROR  # "your config or data is wrong": retrying cannot help
+# EXIT_INTERRUPTED: the trainer saved a checkpoint on SIGTERM and stopped; 143: killed by an unhandled SIGTERM
+# (an older trainer). Either way stopped from outside: resumable, and not the job's fault.
+INTERRUPTED_EXIT_CODES = frozenset({EXIT_INTERRUPTED, 143})
 # Pod reasons that mean "stopped from outside": eviction (node pressure, drain), preemption, node shutdown.
 _INTERRUPTION_REASONS = frozenset({"Evicted", "Preempting", "Shutdown", "NodeShutdown", "Terminated", "NodeLost"})
 # Waiting reasons with which a pod can never start: no retry and no deadline can help.
@@ -261,7 +263,7 @@ def _last_error(reports: list[Report], pod: PodView | None) -> tuple[str, str]:
 def interrupted(pod: PodView) -> bool:
     """Stopped from outside (and resumable), as opposed to failing by itself."""
     return (
-        pod.exit_code == INTERRUPTED_EXIT_CODE
+        pod.exit_code in INTERRUPTED_EXIT_CODES
         or pod.disrupted
         or pod.deleting
         or (pod.pod_reason or "") in _INTERRUPTION_REASONS

@@ -13,9 +13,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from finetune_api.spec import API_GROUP, API_VERSION, KIND, FineTuneJobSpec
+from finetune_api.spec import API_GROUP, API_VERSION, KIND, FineTuneJobSpec, NotificationSpec
 from finetune_api.status import ConditionType, FineTuneJobStatus, Phase
 from finetune_operator import builders
+from finetune_operator.notify import payload
 from finetune_operator.observe import (
     Observation,
     compute_status,
@@ -86,7 +87,14 @@ class PostEvent:
     message: str
 
 
-Action = CreateWorkload | SyncConfig | DeleteWorkload | StopWorkload | PostEvent
+@dataclass(frozen=True)
+class CreateNotifier:
+    """Start the pod that POSTs the verdict to the tenant's webhook (once per terminal phase)."""
+
+    job: dict[str, Any]
+
+
+Action = CreateWorkload | SyncConfig | DeleteWorkload | StopWorkload | PostEvent | CreateNotifier
 
 
 @dataclass
@@ -194,6 +202,22 @@ def _finished(
     if left > 0:
         return Decision(status, requeue_after=left)
     return Decision(status, [DeleteWorkload(obs.job.name)])
+
+
+def notify(decision: Decision, ref: JobRef, raw_spec: dict[str, Any], image: str, pull_policy: str) -> Decision:
+    """Add the notification of a terminal phase that has not been notified yet (spec.notification)."""
+    status = decision.status
+    if status.phase not in TERMINAL or status.notified == status.phase or not raw_spec.get("notification"):
+        return decision
+    try:
+        notification = NotificationSpec.model_validate(raw_spec["notification"])
+    except ValueError:
+        return decision  # an invalid spec has failed validation already; nothing to notify through
+    body = payload(ref.namespace, ref.name, ref.uid, status)
+    job = adopt(builders.build_notifier(ref.meta(), notification, body, image, pull_policy), ref)
+    decision.actions.append(CreateNotifier(job))
+    decision.status = status.model_copy(update={"notified": status.phase})
+    return decision
 
 
 def decide(

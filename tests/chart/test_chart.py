@@ -105,7 +105,8 @@ def test_default_render_has_the_operator_objects(helm: str) -> None:
     smoke_test = ["ServiceAccount", "Role", "RoleBinding", "Pod"]
     cleanup = ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Job"]
     webhook = ["Secret", "Service", "ValidatingWebhookConfiguration"]
-    assert kinds == sorted([*operator, *smoke_test, *cleanup, *webhook])
+    metrics = ["Service"]
+    assert kinds == sorted([*operator, *smoke_test, *cleanup, *webhook, *metrics])
     assert sorted(d["kind"] for d in hooks(docs, "pre-delete")) == sorted(cleanup)
     assert sorted(d["kind"] for d in hooks(docs, "test")) == ["Pod"]
     for doc in docs:
@@ -300,13 +301,14 @@ def test_schema_rejects_invalid_values(helm: str, flags: list[str], message: str
 # ---- RBAC ----------------------------------------------------------------------------------------------------
 
 OPERATOR_RULES = {
-    ("finetune.dev", "finetunejobs"): {"get", "list", "watch", "patch", "update"},
-    ("finetune.dev", "finetunejobs/status"): {"get", "patch", "update"},
-    ("batch", "jobs"): {"create", "get", "list", "watch", "patch", "delete"},
-    ("", "configmaps"): {"create", "get", "list", "patch"},
-    ("", "pods"): {"get", "list", "watch"},
+    ("finetune.dev", "finetunejobs"): {"get", "list", "watch", "patch"},
+    ("finetune.dev", "finetunejobs/status"): {"patch"},
+    ("batch", "jobs"): {"create", "list", "watch", "patch", "delete"},
+    ("", "configmaps"): {"create", "patch"},
+    ("", "pods"): {"list", "watch"},
     ("", "pods/log"): {"get"},
-    ("", "events"): {"create", "patch"},
+    ("", "events"): {"create", "patch", "list", "watch"},
+    ("", "resourcequotas"): {"list", "watch"},
 }
 DISCOVERY_RULES = {
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
@@ -771,11 +773,12 @@ def test_webhook_schema_rejects_invalid_values(helm: str, flags: list[str], mess
 
 def test_webhook_disabled_renders_nothing_of_it(helm: str) -> None:
     docs = render(helm, *WEBHOOK_FLAGS)
-    assert not find(docs, "ValidatingWebhookConfiguration") and not find(docs, "Service") and not find(docs, "Secret")
+    assert not find(docs, "ValidatingWebhookConfiguration") and not find(docs, "Secret")
+    assert [d["metadata"]["name"] for d in find(docs, "Service")] == [f"{RELEASE}-finetune-operator-metrics"]
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert not [k for k in env_of(container) if k.startswith("FINETUNE_WEBHOOK")]
-    assert [p["name"] for p in container["ports"]] == ["health"]
+    assert [p["name"] for p in container["ports"]] == ["health", "metrics"]
     assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert not [v for v in pod["volumes"] if "secret" in v]
 
@@ -793,3 +796,24 @@ def test_webhook_needs_no_operator_rbac(helm: str, flags: list[str]) -> None:
 def test_kubectl_manifests_carry_no_private_key() -> None:
     text = (REPO / "manifests" / "operator.yaml").read_text()
     assert "PRIVATE KEY" not in text and "ValidatingWebhookConfiguration" not in text
+
+
+# ---- metrics ---------------------------------------------------------------------------------------------------
+
+
+def test_metrics_service_and_optional_service_monitor(helm: str) -> None:
+    docs = render(helm)
+    container = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert env_of(container)["FINETUNE_METRICS_PORT"] == "8081"
+    assert {"name": "metrics", "containerPort": 8081, "protocol": "TCP"} in container["ports"]
+    (service,) = [d for d in find(docs, "Service") if d["metadata"]["name"].endswith("-metrics")]
+    assert service["spec"]["ports"][0]["targetPort"] == "metrics"
+    assert not find(docs, "ServiceMonitor")
+    docs = render(
+        helm, "--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.serviceMonitor.labels.release=kps"
+    )
+    monitor = one(docs, "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "kps"
+    assert monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "metrics"
+    off = render(helm, "--set", "metrics.enabled=false")
+    assert "FINETUNE_METRICS_PORT" not in env_of(one(off, "Deployment")["spec"]["template"]["spec"]["containers"][0])

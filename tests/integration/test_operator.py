@@ -31,7 +31,14 @@ pytestmark = pytest.mark.integration
 GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
 NODE = "fake-kubelet"
 OPERATOR_CONFIG = {
-    "defaults": {"image": "finetune-trainer:test", "imagePullPolicy": "Never", "gpus": 0, "cpu": "1", "memory": "1Gi"},
+    "defaults": {
+        "image": "finetune-trainer:test",
+        "imagePullPolicy": "Never",
+        "gpus": 0,
+        "cpu": "1",
+        "memory": "1Gi",
+        "storageEndpoint": "http://198.18.0.1:9000",
+    },
     "pollSeconds": 1.0,
 }
 VALID_SPEC: dict[str, Any] = {
@@ -43,7 +50,7 @@ VALID_SPEC: dict[str, Any] = {
     },
     "method": {"type": "lora"},
     "output": {"uri": "s3://out/job/"},
-    "storage": {"secretRef": {"name": "s3-credentials"}, "endpoint": "http://198.18.0.1:9000"},
+    "storage": {"secretRef": {"name": "s3-credentials"}},
     "runPolicy": {"backoffLimit": 2},
 }
 
@@ -522,3 +529,24 @@ def test_metrics_count_jobs_by_phase_and_retries_by_cause(
     assert got[f'finetune_transitions_total{{namespace="{ns}",phase="Failed"}}'] == 1.0
     assert f'finetune_retries_total{{cause="failure",namespace="{ns}"}}' not in got
     assert got["finetune_reconcile_duration_seconds_count"] >= 3
+
+
+def test_a_finished_job_starts_one_notification_pod(
+    operator: OperatorProcess, kubelet_logs: FakeKubeletLogs, jobs: Jobs
+) -> None:
+    spec = {**copy.deepcopy(VALID_SPEC), "notification": {"webhook": {"name": "hooks"}}}
+    jobs.create("notified", spec)
+    pod = jobs.new_pod()
+    final = report(9, ReportKind.OUTPUT, uri="s3://out/job/model/", manifest="s3://out/job/manifest.json")
+    kubelet_logs.logs[(jobs.ns, pod.metadata.name)] = final + "\n"
+    jobs.set_pod(pod, "Succeeded", terminated={"exitCode": 0, "reason": "Completed", "message": final})
+    status = jobs.wait_phase("notified", "Succeeded", timeout=20)
+    notifier = wait_for("notify Job", lambda: [j for j in jobs.k8s_jobs() if j.metadata.name == "notified-notify"])
+    container = notifier[0].spec.template.spec.containers[0]
+    env = {e.name: e for e in container.env}
+    assert env["NOTIFY_URL"].value is None and env["NOTIFY_URL"].value_from.secret_key_ref.name == "hooks"
+    assert '"output": "s3://out/job/model/"' in env["NOTIFY_PAYLOAD"].value
+    assert wait_for("notified", lambda: jobs.status("notified").get("notified")) == "Succeeded"
+    time.sleep(1.5)
+    assert len([j for j in jobs.k8s_jobs() if j.metadata.name.endswith("-notify")]) == 1
+    assert status["phase"] == "Succeeded"

@@ -184,3 +184,11 @@ def test_a_pod_that_does_not_start_fails_after_the_start_deadline() -> None:
     assert (early.phase, early.reason) == ("Pending", "Unschedulable")
     late = statuses([unsched], deadline=60, now="2026-01-01T00:01:02Z")
     assert (late.phase, late.reason) == ("Failed", "StartDeadlineExceeded") and "0/1 nodes: gpu" in (late.message or "")
+
+
+def test_the_trainers_interrupted_exit_code_is_an_interruption() -> None:
+    from finetune_api.reports import EXIT_INTERRUPTED
+
+    stopped = pod("p1", "Failed", terminated={"exitCode": EXIT_INTERRUPTED, "reason": "Error"})
+    s = statuses([stopped], backoff=0)
+    assert (s.phase, s.failures, s.interruptions) == ("Pending", 0, 1)
