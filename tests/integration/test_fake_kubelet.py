@@ -4,6 +4,7 @@ rely on when they follow a trainer's log (`follow=true`, `tailLines`, `sinceSeco
 from __future__ import annotations
 
 import queue
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -107,7 +108,10 @@ def test_follower_that_disconnects_is_released(kube_api: Any, fake: FakeKubeletL
     resp, chunks = follow(kube_api, namespace, pod)
     assert received_until(chunks, "hello\n", 10) == "hello\n"
     assert threading.active_count() > before  # a handler thread in the fake kubelet (and our reader) serve it
-    resp.close()  # the client goes away; the apiserver closes its side to the kubelet
+    # The client goes away; the apiserver closes its side to the kubelet. Shut the socket down first: a plain
+    # close() can block on the reader thread's buffer lock (the operator's log follower does the same).
+    resp.connection.sock.shutdown(socket.SHUT_RDWR)
+    resp.close()
     deadline = time.monotonic() + 10
     while threading.active_count() > before and time.monotonic() < deadline:
         time.sleep(0.2)
