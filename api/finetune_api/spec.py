@@ -436,6 +436,11 @@ class RunPolicy(ApiModel):
         description="Delete the workload (not the FineTuneJob) this long after it finishes.",
     )
     suspend: bool = Field(default=False, description="Suspended jobs have no pods; unsuspend to resume.")
+    cancel: bool = Field(
+        default=False,
+        description="Cancel the job for good: its trainer stops (saving a checkpoint first), the job ends as "
+        "Cancelled, and its status, checkpoints and outputs stay (`finetune cancel NAME`).",
+    )
 
 
 class WebhookSecretRef(ApiModel):

@@ -17,9 +17,10 @@ class Phase(StrEnum):
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     SUSPENDED = "Suspended"
+    CANCELLED = "Cancelled"
 
 
-TERMINAL_PHASES = frozenset({Phase.SUCCEEDED, Phase.FAILED})
+TERMINAL_PHASES = frozenset({Phase.SUCCEEDED, Phase.FAILED, Phase.CANCELLED})
 
 
 class ConditionType(StrEnum):
@@ -79,7 +80,8 @@ class FineTuneJobStatus(ApiModel):
 
     phase: Phase | None = Field(
         default=None,
-        description="Queued (waiting for the namespace's quota), Pending, Running, Succeeded, Failed or Suspended.",
+        description="Queued (waiting for the namespace's quota or queue), Pending, Running, Succeeded, Failed, "
+        "Suspended or Cancelled.",
     )
     reason: str | None = Field(default=None, description="Reason of the current phase.")
     message: str | None = Field(default=None, description="Human-readable explanation of the current phase.")

@@ -99,13 +99,19 @@ class Kube:
             raise _explain(exc, f"deleting FineTuneJob {self.namespace}/{name}") from None
 
     def suspend_job(self, name: str) -> dict[str, Any]:
-        patch = {"spec": {"runPolicy": {"suspend": True}}}  # a merge patch: the rest of runPolicy is kept
+        return self._set_run_policy(name, "suspend", "suspending")
+
+    def cancel_job(self, name: str) -> dict[str, Any]:
+        return self._set_run_policy(name, "cancel", "cancelling")
+
+    def _set_run_policy(self, name: str, field: str, doing: str) -> dict[str, Any]:
+        patch = {"spec": {"runPolicy": {field: True}}}  # a merge patch: the rest of runPolicy is kept
         try:
             job: dict[str, Any] = self._custom().patch_namespaced_custom_object(
                 API_GROUP, API_VERSION, self.namespace, PLURAL, name, patch
             )
         except self.errors as exc:
-            raise _explain(exc, f"suspending FineTuneJob {self.namespace}/{name}") from None
+            raise _explain(exc, f"{doing} FineTuneJob {self.namespace}/{name}") from None
         return job
 
     # ---- trainer pods ----

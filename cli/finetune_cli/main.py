@@ -91,9 +91,16 @@ def cmd_cancel(args: argparse.Namespace, kube: Kube, out: TextIO) -> int:
         patch = '{"spec":{"runPolicy":{"suspend":false}}}'
         print(f"finetunejob {where} suspended: its trainer stops, its checkpoints stay.", file=out)
         print(f"resume with: kubectl patch ftj {args.name} -n {kube.namespace} --type merge -p '{patch}'", file=out)
-    else:
+    elif args.delete:
         kube.delete_job(args.name)
         print(f"finetunejob {where} deleted (its trainer Job and pods go with it; uploaded outputs stay).", file=out)
+    else:
+        kube.cancel_job(args.name)
+        print(
+            f"finetunejob {where} cancelled: its trainer stops after a last checkpoint; the job stays, as Cancelled,"
+            " with its status and outputs.",
+            file=out,
+        )
     return EXIT_OK
 
 
@@ -166,9 +173,11 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p = add("download", "Download a succeeded job's model from object storage.")
     p.add_argument("name")
     p.add_argument("dest", help="Local directory")
-    p = add("cancel", "Delete a job (its trainer stops), or with --keep only suspend it.")
+    p = add("cancel", "Cancel a job for good (runPolicy.cancel: it ends as Cancelled, outputs stay).")
     p.add_argument("name")
-    p.add_argument("--keep", action="store_true", help="Set runPolicy.suspend instead of deleting the job.")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--keep", action="store_true", help="Only suspend it (runPolicy.suspend); resume later.")
+    mode.add_argument("--delete", action="store_true", help="Delete the FineTuneJob (its status goes with it).")
     add("validate", "Check a FineTuneJob file as the operator would; prints every problem, or 'valid'.", [policy])
     p = add("run", "Validate a FineTuneJob file, then train it here, without Kubernetes.", [policy])
     p.add_argument("--workdir", help="Scratch directory. Default: the trainer's (~/finetune-run).")

@@ -37,6 +37,7 @@ DEFAULT_CERT_DIR = "/etc/finetune-webhook"
 # running trainer, its ConfigMap and the status disagree with the spec.
 MUTABLE_AFTER_START: tuple[tuple[str, ...], ...] = (
     ("runPolicy", "suspend"),
+    ("runPolicy", "cancel"),
     ("runPolicy", "activeDeadlineSeconds"),
     ("runPolicy", "ttlSecondsAfterFinished"),
 )

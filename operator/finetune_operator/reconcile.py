@@ -26,7 +26,7 @@ from finetune_operator.observe import (
 )
 from finetune_operator.validation import ValidationResult
 
-TERMINAL = frozenset({Phase.SUCCEEDED.value, Phase.FAILED.value})
+TERMINAL = frozenset({Phase.SUCCEEDED.value, Phase.FAILED.value, Phase.CANCELLED.value})
 # The whole spec must fit, resolved, in the trainer's ConfigMap (1 MiB) and in one etcd object with its status.
 MAX_SPEC_BYTES = 256 * 1024
 
@@ -220,6 +220,26 @@ def notify(decision: Decision, ref: JobRef, raw_spec: dict[str, Any], image: str
     return decision
 
 
+def _cancel(status: FineTuneJobStatus, gen: int | None, obs: Observation, stamp: str) -> Decision:
+    """runPolicy.cancel: stop the trainer (it checkpoints on SIGTERM) and end as Cancelled; outputs stay."""
+    message = "runPolicy.cancel is true: the trainer was stopped; its checkpoints and outputs stay"
+    conds = set_condition(status.conditions, ConditionType.RUNNING, "False", "Cancelled", message, gen, stamp)
+    new = status.model_copy(
+        update={
+            "phase": Phase.CANCELLED.value,
+            "reason": "Cancelled",
+            "message": message,
+            "conditions": conds,
+            "observed_generation": gen,
+            "completion_time": stamp,
+        }
+    )
+    actions: list[Action] = [PostEvent("Normal", "Cancelled", message)]
+    if obs.job is not None:
+        actions.insert(0, DeleteWorkload(obs.job.name))
+    return Decision(new, actions)
+
+
 def decide(
     ref: JobRef,
     raw_spec: dict[str, Any],
@@ -236,6 +256,8 @@ def decide(
     if status.phase in TERMINAL and (status.workload or status.observed_generation == gen):
         # Finished jobs stay finished; a spec edit only revives a job that failed before it had a workload.
         return _finished(ref, raw_spec, status, obs, now)
+    if (raw_spec.get("runPolicy") or {}).get("cancel") is True:
+        return _cancel(status, gen, obs, stamp)
     if not validation.ok or validation.spec is None:
         return fail(status, gen, validation.reason, validation.message, stamp, validated=False)
     spec: FineTuneJobSpec = validation.spec

@@ -230,6 +230,18 @@ def test_malformed_job_fails_with_reason_and_no_pod(cluster: Cluster, namespace:
     assert cluster.kubectl("-n", namespace, "get", "jobs", "-o", "name").stdout.strip() == ""
 
 
+def test_a_missing_secret_fails_at_once_naming_it(cluster: Cluster, namespace: str) -> None:
+    """The kubelet cannot start a pod whose secretKeyRef names no Secret: no retry or deadline can help."""
+    job = example("02-gpt2-text-file.yaml")
+    job["metadata"]["name"] = "no-secret"
+    job["spec"]["storage"]["secretRef"] = {"name": "does-not-exist"}
+    apply(cluster, namespace, job)
+    failed = wait_for(cluster, namespace, "no-secret", lambda s: s.get("phase") == "Failed", 90, "Failed")
+    status = failed["status"]
+    assert status["reason"] == "MissingConfig" and "does-not-exist" in status["message"], status
+    assert not [p for p in trainer_pods(cluster, namespace) if p["status"].get("phase") == "Running"]
+
+
 def test_gpu_example_waits_unschedulable(cluster: Cluster, namespace: str) -> None:
     name = apply(cluster, namespace, example(GPU_EXAMPLE))
     job = wait_for(cluster, namespace, name, lambda s: s.get("reason") == "Unschedulable", 90, "Pending/Unschedulable")

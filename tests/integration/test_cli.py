@@ -186,9 +186,16 @@ def test_watch_of_a_failed_job_exits_1(cli: Cli) -> None:
     assert "InvalidURI: spec.model.uri: use s3://" in out
 
 
-def test_cancel_deletes_the_job(cli: Cli) -> None:
+def test_cancel_sets_run_policy_cancel_and_keeps_the_job(cli: Cli) -> None:
+    cli.create("stopped", RUNNING)
+    code, out = cli("cancel", "stopped")
+    assert code == 0 and "cancelled" in out
+    assert cli.get("stopped")["spec"]["runPolicy"] == {"backoffLimit": 2, "cancel": True}
+
+
+def test_cancel_delete_deletes_the_job(cli: Cli) -> None:
     cli.create("doomed", RUNNING)
-    code, out = cli("cancel", "doomed")
+    code, out = cli("cancel", "doomed", "--delete")
     assert code == 0 and "deleted" in out
     wait_for("doomed gone", lambda: "doomed" not in cli.names())
 

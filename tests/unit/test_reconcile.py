@@ -235,3 +235,15 @@ def test_suspended_time_does_not_count_against_the_active_deadline() -> None:
     )
     create = next(a for a in resumed.actions if isinstance(a, CreateWorkload))
     assert create.job["spec"]["activeDeadlineSeconds"] == 3600 - 60
+
+
+def test_cancel_stops_the_trainer_and_ends_as_cancelled_for_good() -> None:
+    running = run(status=run().status.dump(), obs=Observation(job=job(active=1), pods=[pod("p", "Running")]))
+    spec = {**SPEC, "runPolicy": {"cancel": True}}
+    d = run(
+        spec, status=running.status.dump(), obs=Observation(job=job(active=1)), ref=JobRef("team-a", "qa", "uid-1", 2)
+    )
+    assert (d.status.phase, d.status.reason) == ("Cancelled", "Cancelled") and d.status.completion_time
+    assert DeleteWorkload("qa-trainer") in d.actions and ("Normal", "Cancelled") in events(d)
+    later = run({**SPEC}, status=d.status.dump(), ref=JobRef("team-a", "qa", "uid-1", 3))  # un-cancelling: no
+    assert later.status.phase == "Cancelled" and later.actions == []

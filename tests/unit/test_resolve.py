@@ -180,6 +180,8 @@ ALLOWED: dict[str, str] = {
     "runPolicy.suspend": "applied by the operator's reconcile, which suspends the Job (tests/integration)",
     "runPolicy.ttlSecondsAfterFinished": "applied by the operator's reconcile, which deletes the finished workload "
     "(tests/integration)",
+    "runPolicy.cancel": "applied by the operator's reconcile, which stops the trainer and ends the job as Cancelled "
+    "(tests/unit/test_reconcile.py, tests/integration)",
     "notification.webhook.name": "the Secret of the notification pod's URL (tests/unit/test_notify.py)",
     "notification.webhook.key": "the key of that Secret (tests/unit/test_notify.py)",
 }
