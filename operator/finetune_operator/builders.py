@@ -209,6 +209,16 @@ def build_workload(
     if rp.active_deadline_seconds:
         # What is left of the deadline after earlier runs (the operator deducts them when a job resumes).
         job_spec["activeDeadlineSeconds"] = meta.get("activeDeadlineSeconds") or rp.active_deadline_seconds
+    if meta.get("podFailurePolicy"):
+        # Kubernetes 1.26+: the Job controller itself ends the Job on a user error (no second pod starts) and does
+        # not count interruptions. On older clusters the operator does both (observe.py), a moment later.
+        job_spec["podFailurePolicy"] = {
+            "rules": [
+                {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2]}},
+                {"action": "Ignore", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [75]}},
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            ]
+        }
     job_labels = labels(meta, "trainer")
     if meta.get("queueName"):
         # Kueue admits a Job by unsuspending it (Job.spec.suspend: Kubernetes 1.21+; older API servers drop the

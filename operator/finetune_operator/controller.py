@@ -119,6 +119,7 @@ def parse_status(raw: Mapping[str, Any]) -> FineTuneJobStatus:
 class Controller:
     def __init__(self, cfg: OperatorConfig, kube: Kube, follower: Callable[..., LogFollower]) -> None:
         self.cfg = cfg
+        self.pod_failure_policy = False  # set at start-up when the API server has Job.spec.podFailurePolicy (1.26+)
         self.metrics = Metrics(self._snapshot, lambda: len(self.queue))
         self.gpu_accounted: set[tuple[str, str]] = set()
         self.kube = kube
@@ -353,6 +354,7 @@ class Controller:
             image_pull_policy=self.cfg.defaults.image_pull_policy,
             now=dt.datetime.now(dt.UTC),
             start_deadline_seconds=self.cfg.start_deadline_seconds,
+            pod_failure_policy=self.pod_failure_policy,
         )
         decision = notify(decision, record.ref, record.spec, self.notifier_image(), self._pull_policy())
         decision = await self._apply(record, status, decision)

@@ -54,7 +54,9 @@ async def start(settings: kopf.OperatorSettings, **_: Any) -> None:
     def follower(**callbacks: Any) -> LogFollower:
         return LogFollower(follower_api, tail_lines=cfg.log_tail_lines, **callbacks)
 
-    CONTROLLER = Controller(cfg, kube.Kube(kube.new_api_client(pool_size=32)), follower)
+    client = kube.Kube(kube.new_api_client(pool_size=32))
+    CONTROLLER = Controller(cfg, client, follower)
+    CONTROLLER.pod_failure_policy = client.server_version() >= (1, 26)
     CONTROLLER.start()
     port = os.environ.get("FINETUNE_METRICS_PORT")
     if port:  # Prometheus metrics (see metrics.py); the chart sets the port and adds a Service

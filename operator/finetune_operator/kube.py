@@ -52,6 +52,12 @@ class Kube:
         self.batch = client.BatchV1Api(api)
         self.custom = client.CustomObjectsApi(api)
 
+    def server_version(self) -> tuple[int, int]:
+        """(major, minor) of the API server, e.g. (1, 20); GKE-style minors like "26+" are read as 26."""
+        info = client.VersionApi(self.api).get_code()
+        digits = "".join(c for c in str(info.minor) if c.isdigit()) or "0"
+        return int(info.major), int(digits)
+
     def create(self, manifest: dict[str, Any]) -> bool:
         """Create the object unless one of that name exists. True when this call created it.
 

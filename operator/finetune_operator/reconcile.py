@@ -250,6 +250,7 @@ def decide(
     image_pull_policy: str,
     now: dt.datetime,
     start_deadline_seconds: float | None = None,
+    pod_failure_policy: bool = False,
 ) -> Decision:
     """The next status and the actions that make the world match the spec."""
     stamp, gen = _stamp(now), ref.generation
@@ -306,6 +307,7 @@ def decide(
         reason = "WorkloadRecreated" if recreated else "WorkloadCreated"
         message = f"Job {workload} was missing; recreated it" if recreated else f"created Job {workload}"
         meta = ref.meta()
+        meta["podFailurePolicy"] = pod_failure_policy
         deadline = spec.run_policy.active_deadline_seconds
         if deadline and status.active_seconds:  # suspended time does not count against the deadline
             meta["activeDeadlineSeconds"] = max(1, deadline - status.active_seconds)

@@ -247,3 +247,20 @@ def test_cancel_stops_the_trainer_and_ends_as_cancelled_for_good() -> None:
     assert DeleteWorkload("qa-trainer") in d.actions and ("Normal", "Cancelled") in events(d)
     later = run({**SPEC}, status=d.status.dump(), ref=JobRef("team-a", "qa", "uid-1", 3))  # un-cancelling: no
     assert later.status.phase == "Cancelled" and later.actions == []
+
+
+def test_on_current_clusters_the_job_controller_applies_the_failure_rules_itself() -> None:
+    validation = validate_spec(copy.deepcopy(SPEC), OperatorConfig())
+    new = decide(
+        REF, SPEC, FineTuneJobStatus(), Observation(job=None), validation, image_pull_policy="Never", now=NOW,
+        pod_failure_policy=True,
+    )  # fmt: skip
+    create = next(a for a in new.actions if isinstance(a, CreateWorkload))
+    rules = create.job["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0] == {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2]},
+    }
+    assert {r["action"] for r in rules[1:]} == {"Ignore"}
+    old = next(a for a in run().actions if isinstance(a, CreateWorkload))
+    assert "podFailurePolicy" not in old.job["spec"]  # Kubernetes 1.20 would drop it anyway
