@@ -994,6 +994,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _scale_args(argv: list[str]) -> list[str]:
+    """The arguments that shape the measurement (not where results are written), to reproduce it."""
+    shown, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--json", "--docs"):
+            skip = True
+        elif not arg.startswith(("--json=", "--docs=", "--no-docs")):
+            shown.append(arg)
+    return shown
+
+
 def _commit() -> str:
     """The commit measured, and whether the operator or API code differs from it in the working tree."""
     git = ["git", "-C", str(REPO)]
@@ -1012,7 +1025,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` tears down as Ctrl-C does
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1` prints every thread's stack (a stuck run)
-    command = "make bench-operator" + (f" BENCH_ARGS={shlex.quote(' '.join(sys.argv[1:]))}" if sys.argv[1:] else "")
+    shown = _scale_args(sys.argv[1:] if argv is None else argv)
+    command = "make bench-operator" + (f" BENCH_ARGS={shlex.quote(' '.join(shown))}" if shown else "")
     host, date = machine(), dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M")
     commit = _commit()
     bench = Bench(args)
