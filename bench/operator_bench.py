@@ -472,11 +472,13 @@ class Bench:
 
     # --- scenarios ---------------------------------------------------------------------------------------------
 
-    def scenario_create(self) -> list[str]:
-        """Plain Jobs (baseline), then FineTuneJobs; returns the FineTuneJobs' namespaces (kept for `pending`)."""
-        n, rate = self.args.jobs, self.args.rate
+    def scenario_create(self, n: int, rate: float, tag: str = "", judged: bool = True) -> list[str]:
+        """Plain Jobs (baseline), then FineTuneJobs; returns the FineTuneJobs' namespaces (kept for `pending`).
+
+        `judged`: the pod ratio is held to issue 7's 1.2x (at the scenario's scale); otherwise only recorded.
+        """
         # Baseline: plain batch Jobs with the same pod shape, same count and rate.
-        plain_ns = self.make_namespaces("plain")
+        plain_ns = self.make_namespaces(f"plain{tag}")
         plain_set = set(plain_ns)
         pod_seen: dict[str, float] = {}  # owner Job uid -> first pod seen
 
@@ -506,7 +508,7 @@ class Bench:
         log(f"plain Jobs: pod p50 {fmt_s(percentile(plain, 50))}; namespaces deleted in {self.fmt_took(took)}")
 
         # FineTuneJobs.
-        ftj_ns = self.make_namespaces("create")
+        ftj_ns = self.make_namespaces(f"create{tag}")
         ftj_set = set(ftj_ns)
         ftj_start: dict[str, float] = {}
         job_seen: dict[str, float] = {}  # FineTuneJob uid -> its Job first seen
@@ -582,10 +584,10 @@ class Bench:
         self.record(
             section,
             "create -> trainer pod p50 vs plain batch Job create -> pod p50",
-            "<= 1.2x",
+            "<= 1.2x" if judged else "(recorded: no Job controller queue)",
             f"{fmt_s(pod50)} vs {fmt_s(plain50)} = {ratio:.2f}x (p99 {fmt_s(percentile(to_pod, 99))} vs "
-            f"{fmt_s(percentile(plain, 99))})",
-            ratio <= 1.2,
+            f"{fmt_s(percentile(plain, 99))}); the operator adds {fmt_s(pod50 - plain50)} at p50",
+            ratio <= 1.2 if judged else None,
         )
         to_phase = latencies(ftj_start, phase_seen)
         self.record(
@@ -961,6 +963,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--running", type=int, default=200, help="trainers reporting progress in `running`")
     p.add_argument("--finished", type=int, default=2000, help="finished FineTuneJobs in `finished`")
     p.add_argument("--rate", type=float, default=20.0, help="creations per second (create, running)")
+    p.add_argument("--ratio-jobs", type=int, default=50, help="create: also a low-load round of this many (0: none)")
+    p.add_argument("--ratio-rate", type=float, default=5.0, help="creations per second in the low-load round")
     p.add_argument("--finished-rate", type=float, default=50.0, help="creations per second in `finished`")
     p.add_argument("--namespaces", type=int, default=10, help="namespaces (tenants) per scenario")
     p.add_argument("--window", type=float, default=60.0, help="steady-state CPU window, seconds")
@@ -981,8 +985,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         given = {a.split("=", 1)[0] for a in (argv if argv is not None else sys.argv[1:])}
         quick = {
-            "--jobs": 40, "--running": 20, "--finished": 60, "--window": 15.0, "--idle-window": 10.0,
-            "--settle": 5.0, "--report-seconds": 20.0, "--grace": 15.0, "--namespaces": 4,
+            "--jobs": 40, "--ratio-jobs": 20, "--running": 20, "--finished": 60, "--window": 15.0,
+            "--idle-window": 10.0, "--settle": 5.0, "--report-seconds": 20.0, "--grace": 15.0, "--namespaces": 4,
             "--settle-timeout": 180.0, "--delete-timeout": 180.0,
         }  # fmt: skip
         for flag, value in quick.items():
@@ -1034,8 +1038,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     try:
         bench.setup()
+        if "create" in wanted and args.ratio_jobs > 0:
+            # Below the Job controller's throughput, so the ratio shows what the operator adds (see the docs).
+            small = bench.scenario_create(args.ratio_jobs, args.ratio_rate, "-low", judged=False)
+            bench.delete_namespaces(small)
         if "create" in wanted or "pending" in wanted:
-            ftj_ns = bench.scenario_create()
+            ftj_ns = bench.scenario_create(args.jobs, args.rate)
             if "pending" in wanted:
                 bench.scenario_pending(ftj_ns)
             took = bench.delete_namespaces(ftj_ns)
