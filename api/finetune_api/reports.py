@@ -64,6 +64,11 @@ class Report(ApiModel):
     manifest: str | None = None
     reason: str | None = None
     message: str | None = None
+    final: bool | None = Field(
+        default=None,
+        description="On an error: retrying cannot help (a user error). The trainer then waits for the operator "
+        "to stop its Job before exiting 2, so no second attempt starts (Kubernetes < 1.26 has no podFailurePolicy).",
+    )
 
 
 def format_report(report: Report) -> str:

@@ -26,6 +26,7 @@ WORKSPACE = "/workspace"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 TRAINER_UID = 1000
 TERMINATION_GRACE_SECONDS = 120
+HOLD_ON_USER_ERROR_SECONDS = 60
 INTERRUPTIONS_ALLOWED = 50  # evictions/preemptions before the Job controller itself gives up
 
 
@@ -157,6 +158,9 @@ def build_workload(
             {"name": "HF_HOME", "value": f"{WORKSPACE}/hf"},
             {"name": "FINETUNE_CACHE", "value": f"{WORKSPACE}/cache"},
             {"name": "PYTHONUNBUFFERED", "value": "1"},
+            # After a user error the trainer waits (this long at most) for the operator to stop the Job, so the Job
+            # controller starts no second pod; the operator's reaction takes about a second.
+            {"name": "FINETUNE_HOLD_ON_USER_ERROR_SECONDS", "value": str(HOLD_ON_USER_ERROR_SECONDS)},
             *_storage_env(spec),
         ],
         "resources": _resources(spec),

@@ -348,6 +348,7 @@ def compute_status(
     started = [p.started_at for p in pods if p.started_at]
     start_time = status.start_time or (min(started) if started else None)
     user_error = next((p for p in pods if p.exit_code == USER_ERROR_EXIT_CODE), None)
+    final_error = next((r for r in reversed(obs.reports) if r.kind == ReportKind.ERROR and r.final), None)
     blocked = never_starts(latest)
     since, now_dt = waiting_since(status, obs), _parse_ts(now)
     waited = (now_dt - since).total_seconds() if since is not None and now_dt is not None else 0.0
@@ -361,6 +362,9 @@ def compute_status(
     elif user_error is not None:
         phase = Phase.FAILED
         reason, message = _last_error(obs.reports if user_error is latest else [], user_error)
+    elif final_error is not None:  # the trainer reported a user error and waits for the Job to be stopped
+        phase = Phase.FAILED
+        reason, message = final_error.reason or "TrainerError", final_error.message or "the trainer reported an error"
     elif counts.failures > backoff_limit:
         failed_pod = next((p for p in reversed(pods) if p.phase == "Failed" and not interrupted(p)), latest)
         phase, (reason, message) = Phase.FAILED, _last_error(obs.reports, failed_pod)

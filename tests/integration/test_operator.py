@@ -550,3 +550,27 @@ def test_a_finished_job_starts_one_notification_pod(
     time.sleep(1.5)
     assert len([j for j in jobs.k8s_jobs() if j.metadata.name.endswith("-notify")]) == 1
     assert status["phase"] == "Succeeded"
+
+
+def test_a_reported_user_error_stops_the_job_before_the_pod_exits(
+    operator: OperatorProcess, kubelet_logs: FakeKubeletLogs, jobs: Jobs
+) -> None:
+    """The trainer reports a final error and waits: the operator fails the job and sets parallelism 0 while the
+    pod still runs, so the Job controller deletes it instead of starting a second attempt."""
+    jobs.create("final", copy.deepcopy(VALID_SPEC))
+    pod = jobs.new_pod()
+    key = (jobs.ns, pod.metadata.name)
+    kubelet_logs.logs[key] = report(1, ReportKind.STAGE, stage="preparing") + "\n"
+    jobs.set_pod(pod, "Running", running={"startedAt": "2026-01-01T00:00:00Z"})
+    jobs.wait_phase("final", "Running", timeout=15)
+    error = Report(seq=2, kind=ReportKind.ERROR, time="t", reason="DataError", message="qa.jsonl line 3", final=True)
+    kubelet_logs.append(jobs.ns, pod.metadata.name, format_report(error) + "\n")
+    status = jobs.wait_phase("final", "Failed", timeout=15)
+    assert status["reason"] == "DataError" and "line 3" in status["message"] and status["attempts"] == 1
+    job = wait_for(
+        "parallelism 0",
+        lambda: (j := jobs.batch.read_namespaced_job("final-trainer", jobs.ns)).spec.parallelism == 0 and j,
+    )
+    assert job.spec.parallelism == 0
+    time.sleep(2)
+    assert len(jobs.pods()) == 1  # no second attempt

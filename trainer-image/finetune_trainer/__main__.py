@@ -81,10 +81,10 @@ def _main(argv: list[str], args: argparse.Namespace) -> int:
         reporter.error("Interrupted", exc.message)
         code = EXIT_INTERRUPTED
     except UserError as exc:
-        reporter.error(exc.reason, exc.message)
+        reporter.error(exc.reason, exc.message, final=True)
         code = EXIT_USER_ERROR
     except StorageUserError as exc:
-        reporter.error(exc.reason, str(exc))
+        reporter.error(exc.reason, str(exc), final=True)
         code = EXIT_USER_ERROR
     except KeyboardInterrupt:  # SIGINT before interrupt.install() took over
         reporter.error("Interrupted", "the trainer was interrupted; the next attempt resumes from a checkpoint")
@@ -97,7 +97,32 @@ def _main(argv: list[str], args: argparse.Namespace) -> int:
         write_termination_log(reporter.last_error)
     record_exit_code(code)
     sys.stdout.flush()
+    if code == EXIT_USER_ERROR and is_main_process():
+        hold_after_user_error()
     return code
+
+
+def hold_after_user_error() -> None:
+    """Stay up (idle) until the operator, which read the final error report, stops the Job, or until
+    FINETUNE_HOLD_ON_USER_ERROR_SECONDS pass (the operator sets it on its pods; unset: no wait).
+
+    Why: on Kubernetes < 1.26 the Job controller starts a replacement pod the moment this one fails, before
+    the operator can say the failure is final. Stopping the Job (parallelism 0) while this pod still runs deletes
+    it instead (SIGTERM ends the wait), and no second attempt starts.
+    """
+    import time
+
+    try:
+        seconds = float(os.environ.get("FINETUNE_HOLD_ON_USER_ERROR_SECONDS") or 0)
+    except ValueError:
+        seconds = 0.0
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            interrupt.check()
+            time.sleep(0.2)
+    except interrupt.Interrupted:
+        pass  # the operator stopped the Job: exit with the user error
 
 
 if __name__ == "__main__":

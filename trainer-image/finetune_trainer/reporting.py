@@ -81,8 +81,8 @@ class Reporter:
     def output(self, uri: str, manifest: str, step: int, metrics: dict[str, Any]) -> Report | None:
         return self.emit(ReportKind.OUTPUT, uri=uri, manifest=manifest, step=step, metrics=metrics)
 
-    def error(self, reason: str, message: str) -> None:
-        self.emit(ReportKind.ERROR, reason=reason, message=message)
+    def error(self, reason: str, message: str, final: bool = False) -> None:
+        self.emit(ReportKind.ERROR, reason=reason, message=message, final=final or None)
 
 
 def write_termination_log(report: Report) -> None:
