@@ -80,7 +80,12 @@ from bench.benchkit import (  # noqa: E402
     write_section,
 )
 from finetune_api.reports import Report, ReportKind, format_report  # noqa: E402
-from tests.integration.operator_harness import FakeKubeletLogs, register_fake_node  # noqa: E402
+from tests.integration.operator_harness import (  # noqa: E402
+    TEST_PLATFORM_DEFAULTS,
+    FakeKubeletLogs,
+    register_fake_node,
+    valid_spec,
+)
 
 GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
 FTJ_PATH = f"/apis/{GROUP}/{VERSION}/{PLURAL}"
@@ -96,28 +101,8 @@ CONTROL_PLANE_ENV = {
     "FINETUNE_KCM_PORT": "10650",
 }
 # The platform policy (the chart's `policy` values): only defaults that make trainer pods fit a CPU-only node.
-OPERATOR_CONFIG: dict[str, Any] = {
-    "defaults": {
-        "image": "finetune-trainer:bench",
-        "imagePullPolicy": "Never",
-        "gpus": 0,
-        "cpu": "1",
-        "memory": "1Gi",
-        "storageEndpoint": "http://198.18.0.1:9000",
-    }
-}
-SPEC: dict[str, Any] = {
-    "model": {"uri": "s3://models/tiny-gpt2/"},
-    "task": "instruction",
-    "dataset": {
-        "train": "s3://data/qa.jsonl",
-        "template": {"prompt": "### Question:\n{question}\n### Answer:\n", "response": "{answer}"},
-    },
-    "method": {"type": "lora"},
-    "output": {"uri": "s3://out/job/"},
-    "storage": {"secretRef": {"name": "s3-credentials"}},  # the endpoint is the platform's (OPERATOR_CONFIG)
-    "runPolicy": {"backoffLimit": 2},
-}
+OPERATOR_CONFIG: dict[str, Any] = {"defaults": {**TEST_PLATFORM_DEFAULTS, "image": "finetune-trainer:bench"}}
+SPEC: dict[str, Any] = valid_spec(runPolicy={"backoffLimit": 2})  # the endpoint is the platform's
 IDLE_MARGIN_PTS = 1.0  # "at idle level": within this many percentage points of a core of the idle operator
 
 

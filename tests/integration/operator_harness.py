@@ -10,6 +10,7 @@ cannot run in this tier; the e2e tier runs a real kubelet.
 from __future__ import annotations
 
 import bisect
+import copy
 import os
 import select
 import ssl
@@ -29,6 +30,36 @@ import yaml
 from kubernetes import client
 
 REPO = Path(__file__).resolve().parents[2]
+
+# The platform defaults every operator in these tests (and the benchmark) runs with: trainer pods that fit a CPU-only
+# node, and the platform's S3 endpoint (a job may not name its own: that is policy).
+TEST_PLATFORM_DEFAULTS: dict[str, Any] = {
+    "image": "finetune-trainer:test",
+    "imagePullPolicy": "Never",
+    "gpus": 0,
+    "cpu": "1",
+    "memory": "1Gi",
+    "storageEndpoint": "http://198.18.0.1:9000",
+}
+# A valid instruction-tuning job; tests copy it (copy.deepcopy) and change what they need.
+VALID_SPEC: dict[str, Any] = {
+    "model": {"uri": "s3://models/tiny-gpt2/"},
+    "task": "instruction",
+    "dataset": {
+        "train": "s3://data/qa.jsonl",
+        "template": {"prompt": "### Question:\n{question}\n### Answer:\n", "response": "{answer}"},
+    },
+    "method": {"type": "lora"},
+    "output": {"uri": "s3://out/job/"},
+    "storage": {"secretRef": {"name": "s3-credentials"}},
+}
+
+
+def valid_spec(**top_level: Any) -> dict[str, Any]:
+    """A fresh copy of VALID_SPEC with top-level fields replaced (e.g. runPolicy={"backoffLimit": 1})."""
+    return {**copy.deepcopy(VALID_SPEC), **copy.deepcopy(top_level)}
+
+
 CRD_NAME = "finetunejobs.finetune.dev"
 
 

@@ -23,35 +23,20 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from finetune_operator.admission import WEBHOOK_PATH
-from tests.integration.operator_harness import OperatorProcess, install_crd, wait_for
+from tests.integration.operator_harness import (
+    TEST_PLATFORM_DEFAULTS,
+    OperatorProcess,
+    install_crd,
+    valid_spec,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
 GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
 SELECTOR_LABEL = "finetune.test/admission"
-OPERATOR_CONFIG = {
-    "defaults": {
-        "image": "finetune-trainer:test",
-        "imagePullPolicy": "Never",
-        "gpus": 0,
-        "cpu": "1",
-        "memory": "1Gi",
-        "storageEndpoint": "http://198.18.0.1:9000",  # the platform's; a job's own endpoint is a policy matter
-    },
-    "limits": {"maxGpusPerJob": 2},
-    "pollSeconds": 1.0,
-}
-SPEC: dict[str, Any] = {
-    "model": {"uri": "s3://models/tiny-gpt2/"},
-    "task": "instruction",
-    "dataset": {
-        "train": "s3://data/qa.jsonl",
-        "template": {"prompt": "### Question:\n{question}\n### Answer:\n", "response": "{answer}"},
-    },
-    "method": {"type": "lora"},
-    "output": {"uri": "s3://out/job/"},
-    "storage": {"secretRef": {"name": "s3-credentials"}},
-}
+OPERATOR_CONFIG = {"defaults": TEST_PLATFORM_DEFAULTS, "limits": {"maxGpusPerJob": 2}, "pollSeconds": 1.0}
+SPEC: dict[str, Any] = valid_spec()
 
 
 def kubectl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -19,10 +19,12 @@ from kubernetes.client.exceptions import ApiException
 
 from finetune_api.reports import Report, ReportKind, format_report
 from tests.integration.operator_harness import (
+    TEST_PLATFORM_DEFAULTS,
     FakeKubeletLogs,
     OperatorProcess,
     install_crd,
     register_fake_node,
+    valid_spec,
     wait_for,
 )
 
@@ -30,29 +32,8 @@ pytestmark = pytest.mark.integration
 
 GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
 NODE = "fake-kubelet"
-OPERATOR_CONFIG = {
-    "defaults": {
-        "image": "finetune-trainer:test",
-        "imagePullPolicy": "Never",
-        "gpus": 0,
-        "cpu": "1",
-        "memory": "1Gi",
-        "storageEndpoint": "http://198.18.0.1:9000",
-    },
-    "pollSeconds": 1.0,
-}
-VALID_SPEC: dict[str, Any] = {
-    "model": {"uri": "s3://models/tiny-gpt2/"},
-    "task": "instruction",
-    "dataset": {
-        "train": "s3://data/qa.jsonl",
-        "template": {"prompt": "### Question:\n{question}\n### Answer:\n", "response": "{answer}"},
-    },
-    "method": {"type": "lora"},
-    "output": {"uri": "s3://out/job/"},
-    "storage": {"secretRef": {"name": "s3-credentials"}},
-    "runPolicy": {"backoffLimit": 2},
-}
+OPERATOR_CONFIG = {"defaults": TEST_PLATFORM_DEFAULTS, "pollSeconds": 1.0}
+VALID_SPEC: dict[str, Any] = valid_spec(runPolicy={"backoffLimit": 2})
 
 
 def kubectl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -24,10 +24,12 @@ from kubernetes import client
 
 from finetune_operator.builders import workload_name
 from tests.integration.operator_harness import (
+    TEST_PLATFORM_DEFAULTS,
     FakeKubeletLogs,
     OperatorProcess,
     install_crd,
     register_fake_node,
+    valid_spec,
     wait_for,
 )
 
@@ -36,29 +38,8 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
 NODE = "fake-kubelet-security"
-OPERATOR_CONFIG = {
-    "defaults": {
-        "image": "finetune-trainer:test",
-        "imagePullPolicy": "Never",
-        "gpus": 0,
-        "cpu": "1",
-        "memory": "1Gi",
-        "storageEndpoint": "http://198.18.0.1:9000",  # the platform's; a job's own endpoint is a policy matter
-    },
-    "pollSeconds": 1.0,
-}
-SPEC: dict[str, Any] = {
-    "model": {"uri": "s3://models/tiny-gpt2/"},
-    "task": "instruction",
-    "dataset": {
-        "train": "s3://data/qa.jsonl",
-        "template": {"prompt": "### Question:\n{question}\n### Answer:\n", "response": "{answer}"},
-    },
-    "method": {"type": "lora"},
-    "output": {"uri": "s3://out/job/"},
-    "storage": {"secretRef": {"name": "s3-credentials"}},
-    "runPolicy": {"backoffLimit": 1},
-}
+OPERATOR_CONFIG = {"defaults": TEST_PLATFORM_DEFAULTS, "pollSeconds": 1.0}
+SPEC: dict[str, Any] = valid_spec(runPolicy={"backoffLimit": 1})
 HOST_PATH_VOLUME = [{"name": "root", "hostPath": {"path": "/"}}]
 ROOT_CONTEXT = {"privileged": True, "runAsUser": 0, "capabilities": {"add": ["SYS_ADMIN", "NET_ADMIN"]}}
 POD_OVERRIDES = {
