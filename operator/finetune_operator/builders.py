@@ -171,13 +171,7 @@ def build_workload(
             {"name": "shm", "mountPath": "/dev/shm"},
         ],
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": restricted_container(),
     }
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
@@ -241,6 +235,17 @@ def build_workload(
     }
 
 
+def restricted_container() -> dict[str, Any]:
+    """A container securityContext that passes PodSecurity `restricted`, with a read-only root filesystem."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
 def notifier_name(job_name: str) -> str:
     return child_name(job_name, "notify")
 
@@ -265,13 +270,7 @@ def build_notifier(
             "requests": {"cpu": "50m", "memory": "64Mi"},
             "limits": {"cpu": "200m", "memory": "128Mi"},
         },
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": restricted_container(),
     }
     return {
         "apiVersion": "batch/v1",
