@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,6 +90,7 @@ class Observation:
     reports: list[Report] = field(default_factory=list)  # trainer reports not yet folded into status, in order
     # Why the Job controller could not create a pod (its FailedCreate event), e.g. "exceeded quota: ...".
     quota_message: str | None = None
+    secrets: list[str] = field(default_factory=list)  # the Secrets the trainer pod references (for messages)
 
 
 def _ts(value: str | None) -> str | None:
@@ -292,12 +294,33 @@ def tally(prev: FineTuneJobStatus, pods: list[PodView]) -> Tally:
     return Tally(failures, interruptions, counted[-_PODS_REMEMBERED:])
 
 
-def never_starts(pod: PodView | None) -> tuple[str, str] | None:
+_MISSING = re.compile(r"not found|couldn't find key", re.IGNORECASE)
+# A config error whose message names nothing (e.g. "failed to sync secret cache: timed out waiting for the
+# condition", what a 1.20 kubelet says about a Secret that does not exist) is final once it lasts this long.
+CONFIG_ERROR_GRACE_S = 45.0
+
+
+def never_starts(pod: PodView | None, now: dt.datetime | None = None, secrets: list[str] | None = None):
     """(reason, message) when this pending pod cannot start whatever happens; None otherwise."""
     if pod is None or pod.phase != "Pending" or pod.reason not in _NEVER_STARTS:
         return None
     detail = pod.message or pod.reason or ""
+    if pod.reason == "CreateContainerConfigError" and not _MISSING.search(detail):
+        created = _parse_ts(pod.created)
+        if now is None or created is None or (now - created).total_seconds() < CONFIG_ERROR_GRACE_S:
+            return None  # the kubelet may still be looking the Secret up
+        named = f"; check that Secret {', '.join(secrets)} and its keys exist" if secrets else ""
+        detail = f"{detail} (for {CONFIG_ERROR_GRACE_S:g}s{named})"
     return _NEVER_STARTS[pod.reason or ""], f"the trainer pod cannot start: {detail}"
+
+
+def config_error_left(obs: Observation, now: dt.datetime) -> float | None:
+    """Seconds until an unexplained config error of the newest pod becomes final (for a timer)."""
+    latest = obs.pods[-1] if obs.pods else None
+    if latest is None or latest.phase != "Pending" or latest.reason != "CreateContainerConfigError":
+        return None
+    created = _parse_ts(latest.created)
+    return None if created is None else max(0.5, CONFIG_ERROR_GRACE_S - (now - created).total_seconds() + 0.5)
 
 
 def _parse_ts(value: str | None) -> dt.datetime | None:
@@ -349,8 +372,8 @@ def compute_status(
     start_time = status.start_time or (min(started) if started else None)
     user_error = next((p for p in pods if p.exit_code == USER_ERROR_EXIT_CODE), None)
     final_error = next((r for r in reversed(obs.reports) if r.kind == ReportKind.ERROR and r.final), None)
-    blocked = never_starts(latest)
     since, now_dt = waiting_since(status, obs), _parse_ts(now)
+    blocked = never_starts(latest, now_dt, obs.secrets)
     waited = (now_dt - since).total_seconds() if since is not None and now_dt is not None else 0.0
 
     phase: Phase

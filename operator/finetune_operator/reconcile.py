@@ -8,6 +8,7 @@ moment reaches the same status, and replaying a decision is harmless.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from finetune_operator.notify import payload
 from finetune_operator.observe import (
     Observation,
     compute_status,
+    config_error_left,
     drop_condition,
     set_condition,
     start_deadline_left,
@@ -326,6 +328,9 @@ def decide(
     if status.observed_generation != gen:
         actions.append(SyncConfig(config_map))
     conds = set_condition(conds, ConditionType.WORKLOAD_CREATED, "True", "Created", f"Job {workload}", gen, stamp)
+    trainer_job = obs.job
+    if spec.storage.secret_ref is not None:
+        obs = dataclasses.replace(obs, secrets=[spec.storage.secret_ref.name])
     new = compute_status(
         status.model_copy(update={"conditions": conds, "workload": workload}),
         obs,
@@ -337,14 +342,15 @@ def decide(
     )
     if new.phase != status.phase:
         if new.phase == Phase.FAILED:
-            actions += [StopWorkload(obs.job.name), PostEvent("Warning", new.reason or "Failed", new.message or "")]
+            actions += [StopWorkload(trainer_job.name), PostEvent("Warning", new.reason or "Failed", new.message or "")]
         elif new.phase == Phase.SUCCEEDED:
             actions.append(PostEvent("Normal", "Succeeded", new.message or ""))
         elif new.phase == Phase.RUNNING:
             actions.append(PostEvent("Normal", "TrainerStarted", f"attempt {new.attempts} is running"))
     decision = Decision(new, actions)
     if new.phase == Phase.PENDING:  # wake up when the start deadline passes, even if nothing else happens
-        decision.requeue_after = start_deadline_left(new, obs, stamp, start_deadline_seconds)
+        timers = [start_deadline_left(new, obs, stamp, start_deadline_seconds), config_error_left(obs, now)]
+        decision.requeue_after = min((t for t in timers if t is not None), default=None)
     if new.phase in TERMINAL:
         ttl = _finished(ref, raw_spec, new, obs, now)
         decision.requeue_after = ttl.requeue_after or (0.5 if ttl.actions else None)

@@ -248,7 +248,8 @@ def test_a_missing_secret_fails_at_once_naming_it(cluster: Cluster, namespace: s
     job["metadata"]["name"] = "no-secret"
     job["spec"]["storage"]["secretRef"] = {"name": "does-not-exist"}
     apply(cluster, namespace, job)
-    failed = wait_for(cluster, namespace, "no-secret", lambda s: s.get("phase") == "Failed", 90, "Failed")
+    # The kubelet's first word may be "failed to sync secret cache"; the operator waits 45 s for a clearer one.
+    failed = wait_for(cluster, namespace, "no-secret", lambda s: s.get("phase") == "Failed", 150, "Failed")
     status = failed["status"]
     assert status["reason"] == "MissingConfig" and "does-not-exist" in status["message"], status
     assert not [p for p in trainer_pods(cluster, namespace) if p["status"].get("phase") == "Running"]

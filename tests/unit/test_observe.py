@@ -192,3 +192,20 @@ def test_the_trainers_interrupted_exit_code_is_an_interruption() -> None:
     stopped = pod("p1", "Failed", terminated={"exitCode": EXIT_INTERRUPTED, "reason": "Error"})
     s = statuses([stopped], backoff=0)
     assert (s.phase, s.failures, s.interruptions) == ("Pending", 0, 1)
+
+
+def test_a_kubelet_that_has_not_looked_the_secret_up_yet_is_not_a_verdict() -> None:
+    syncing = {"reason": "CreateContainerConfigError", "message": "failed to sync secret cache: timed out waiting"}
+    assert statuses([pod("p1", "Pending", waiting=syncing)]).phase == "Pending"
+    # ... but once it lasts, it is final, and the message names the Secret the job references.
+    late = compute_status(
+        FineTuneJobStatus.model_validate({"phase": "Pending"}),
+        Observation(job=job(active=1), pods=[pod_view(pod("p1", "Pending", waiting=syncing))], secrets=["s3-creds"]),
+        generation=1,
+        backoff_limit=1,
+        keep_checkpoints=2,
+        now="2026-01-01T00:01:00Z",
+    )
+    assert (late.phase, late.reason) == ("Failed", "MissingConfig") and "Secret s3-creds" in (late.message or "")
+    missing_key = {"reason": "CreateContainerConfigError", "message": "couldn't find key AWS_KEY in Secret ns/s3"}
+    assert statuses([pod("p1", "Pending", waiting=missing_key)]).reason == "MissingConfig"
