@@ -30,7 +30,7 @@ from finetune_operator.config import OperatorConfig
 from finetune_operator.kube import REJECTED_STATUSES, Kube, api_message
 from finetune_operator.logfollow import LogFollower
 from finetune_operator.metrics import Metrics
-from finetune_operator.observe import JobView, Observation, PodView, reports_from_text
+from finetune_operator.observe import JobView, Observation, PodView, parse_ts, reports_from_text
 from finetune_operator.reconcile import (
     TERMINAL,
     CreateNotifier,
@@ -101,11 +101,8 @@ def _newer(a: str, b: str) -> bool:
 
 
 def _seconds_between(start: str, end: str) -> float | None:
-    try:
-        fmt = "%Y-%m-%dT%H:%M:%SZ"
-        return (dt.datetime.strptime(end, fmt) - dt.datetime.strptime(start, fmt)).total_seconds()
-    except ValueError:
-        return None
+    begin, finish = parse_ts(start), parse_ts(end)
+    return (finish - begin).total_seconds() if begin is not None and finish is not None else None
 
 
 def parse_status(raw: Mapping[str, Any]) -> FineTuneJobStatus:
@@ -161,9 +158,6 @@ class Controller:
         """The operator's own image (the chart sets FINETUNE_OPERATOR_IMAGE); the trainer image also has it."""
         return os.environ.get("FINETUNE_OPERATOR_IMAGE") or self.cfg.defaults.image
 
-    def _pull_policy(self) -> str:
-        return self.cfg.defaults.image_pull_policy
-
     def _snapshot(self) -> list[tuple[str, str, int]]:
         out = []
         for uid, record in list(self.records.items()):
@@ -216,9 +210,9 @@ class Controller:
         assert self.loop is not None
         self.loop.call_soon_threadsafe(self._add_report, uid, pod, report)
 
-    def _end_from_thread(self, uid: str, pod: str, drained: bool) -> None:
+    def _end_from_thread(self, uid: str, pod: str) -> None:
         assert self.loop is not None
-        self.loop.call_soon_threadsafe(self._stream_ended, uid, pod, drained)
+        self.loop.call_soon_threadsafe(self._stream_ended, uid, pod)
 
     def _add_report(self, uid: str, pod: str, report: Report) -> None:
         if uid not in self.records or report.seq <= self.seen_seq.get((uid, pod), -1):
@@ -231,9 +225,9 @@ class Controller:
         due = self.last_write.get(uid, 0.0) + self.cfg.poll_seconds - time.monotonic()
         self.queue.add_after(uid, due)
 
-    def _stream_ended(self, uid: str, pod: str, drained: bool) -> None:
-        # Not marked drained even when the stream reached its end: only a pod seen finished is drained (by one
-        # last read in `_drain`); a stream that ended while its pod runs is reopened by this reconcile.
+    def _stream_ended(self, uid: str, pod: str) -> None:
+        # Never marks the pod drained, even at the log's end: only a pod seen finished is drained (by one last
+        # read in `_drain`); a stream that ended while its pod runs is reopened by this reconcile.
         self.followed.get(uid, set()).discard(pod)
         self.child_event(uid)
 
@@ -356,7 +350,7 @@ class Controller:
             start_deadline_seconds=self.cfg.start_deadline_seconds,
             pod_failure_policy=self.pod_failure_policy,
         )
-        decision = notify(decision, record.ref, record.spec, self.notifier_image(), self._pull_policy())
+        decision = notify(decision, record.ref, record.spec, self.notifier_image(), self.cfg.defaults.image_pull_policy)
         decision = await self._apply(record, status, decision)
         waiting = self.queued.setdefault(record.namespace, set())
         if decision.status.phase == Phase.QUEUED and obs.job is None:
@@ -432,19 +426,20 @@ class Controller:
             except ApiException as exc:
                 if exc.status == 403 and isinstance(action, CreateWorkload) and "exceeded quota" in str(exc.body):
                     # count/jobs.batch (or similar) quota: wait for a ResourceQuota change, not a retry loop.
-                    waiting = queued(before, ref, api_message(exc), dt.datetime.now(dt.UTC))
-                    for event in waiting.actions:
-                        if isinstance(event, PostEvent):
-                            await self._event(record, event.type, event.reason, event.message)
-                    return waiting
+                    return await self._posted(record, queued(before, ref, api_message(exc), dt.datetime.now(dt.UTC)))
                 if exc.status not in REJECTED_STATUSES or not isinstance(action, CreateWorkload | SyncConfig):
                     raise
                 what = "Job" if isinstance(action, CreateWorkload) and "job" in str(exc.body).lower() else "config"
-                failed = rejected(before, ref, what, api_message(exc), dt.datetime.now(dt.UTC))
-                for event in failed.actions:
-                    if isinstance(event, PostEvent):
-                        await self._event(record, event.type, event.reason, event.message)
-                return failed
+                return await self._posted(
+                    record, rejected(before, ref, what, api_message(exc), dt.datetime.now(dt.UTC))
+                )
+        return decision
+
+    async def _posted(self, record: Record, decision: Decision) -> Decision:
+        """A decision that replaces the one being applied (its only actions are Events): post them."""
+        for event in decision.actions:
+            if isinstance(event, PostEvent):
+                await self._event(record, event.type, event.reason, event.message)
         return decision
 
     async def _event(self, record: Record, type_: str, reason: str, message: str) -> None:

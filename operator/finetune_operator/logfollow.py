@@ -23,10 +23,9 @@ from finetune_api.reports import MARKER, Report, parse_reports
 
 log = logging.getLogger(__name__)
 
-# (uid, pod, report) for each report; (uid, pod, drained) when a stream ends: drained means it reached the end of
-# the container's log (the container exited), not that it was stopped or broke.
+# (uid, pod, report) for each report; (uid, pod) when a stream ends by itself (not when stopped).
 OnReport = Callable[[str, str, Report], None]
-OnEnd = Callable[[str, str, bool], None]
+OnEnd = Callable[[str, str], None]
 
 READ_TIMEOUT_S = 600.0  # a trainer that prints nothing for this long gets its stream reopened
 
@@ -80,7 +79,6 @@ class LogFollower:
             self.stop(ns, pod)
 
     def _run(self, s: _Stream) -> None:
-        drained = False
         try:
             s.response = self.core.read_namespaced_pod_log(
                 s.pod,
@@ -101,7 +99,6 @@ class LogFollower:
                 # second copy when the newline comes.
                 self._emit(s, [*lines, pending] if pending.rstrip().endswith(b"}") else lines)
             self._emit(s, [pending])
-            drained = not s.stopped
         except Exception as exc:  # a broken or refused stream; the next reconcile reopens it if still running
             if not s.stopped:
                 log.debug("log stream of %s/%s ended: %s", s.namespace, s.pod, exc)
@@ -111,7 +108,7 @@ class LogFollower:
                 if self._streams.get((s.namespace, s.pod)) is s:
                     del self._streams[(s.namespace, s.pod)]
             if not s.stopped:
-                self.on_end(s.uid, s.pod, drained)
+                self.on_end(s.uid, s.pod)
 
     def _emit(self, s: _Stream, lines: list[bytes]) -> None:
         marker = MARKER.encode()

@@ -306,7 +306,7 @@ def never_starts(pod: PodView | None, now: dt.datetime | None = None, secrets: l
         return None
     detail = pod.message or pod.reason or ""
     if pod.reason == "CreateContainerConfigError" and not _MISSING.search(detail):
-        created = _parse_ts(pod.created)
+        created = parse_ts(pod.created)
         if now is None or created is None or (now - created).total_seconds() < CONFIG_ERROR_GRACE_S:
             return None  # the kubelet may still be looking the Secret up
         named = f"; check that Secret {', '.join(secrets)} and its keys exist" if secrets else ""
@@ -319,11 +319,11 @@ def config_error_left(obs: Observation, now: dt.datetime) -> float | None:
     latest = obs.pods[-1] if obs.pods else None
     if latest is None or latest.phase != "Pending" or latest.reason != "CreateContainerConfigError":
         return None
-    created = _parse_ts(latest.created)
+    created = parse_ts(latest.created)
     return None if created is None else max(0.5, CONFIG_ERROR_GRACE_S - (now - created).total_seconds() + 0.5)
 
 
-def _parse_ts(value: str | None) -> dt.datetime | None:
+def parse_ts(value: str | None) -> dt.datetime | None:
     try:
         return dt.datetime.strptime(value or "", "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
     except ValueError:
@@ -334,9 +334,9 @@ def waiting_since(status: FineTuneJobStatus, obs: Observation) -> dt.datetime | 
     """Since when the current attempt has been waiting to start; None when a trainer runs or is done."""
     latest = obs.pods[-1] if obs.pods else None
     if latest is not None:
-        return _parse_ts(latest.created) if latest.phase == "Pending" else None
+        return parse_ts(latest.created) if latest.phase == "Pending" else None
     created = next((c for c in status.conditions if c.type == ConditionType.WORKLOAD_CREATED), None)
-    return _parse_ts(created.last_transition_time) if created is not None else None
+    return parse_ts(created.last_transition_time) if created is not None else None
 
 
 def _attempts(prev: FineTuneJobStatus, obs: Observation) -> tuple[int, list[str]]:
@@ -372,7 +372,7 @@ def compute_status(
     start_time = status.start_time or (min(started) if started else None)
     user_error = next((p for p in pods if p.exit_code == USER_ERROR_EXIT_CODE), None)
     final_error = next((r for r in reversed(obs.reports) if r.kind == ReportKind.ERROR and r.final), None)
-    since, now_dt = waiting_since(status, obs), _parse_ts(now)
+    since, now_dt = waiting_since(status, obs), parse_ts(now)
     blocked = never_starts(latest, now_dt, obs.secrets)
     waited = (now_dt - since).total_seconds() if since is not None and now_dt is not None else 0.0
 
@@ -456,7 +456,7 @@ def start_deadline_left(
     status: FineTuneJobStatus, obs: Observation, now: str, start_deadline_seconds: float | None
 ) -> float | None:
     """Seconds until a waiting attempt passes its start deadline (for a timer); None when nothing waits."""
-    since, now_dt = waiting_since(status, obs), _parse_ts(now)
+    since, now_dt = waiting_since(status, obs), parse_ts(now)
     if start_deadline_seconds is None or since is None or now_dt is None:
         return None
     return max(0.5, start_deadline_seconds - (now_dt - since).total_seconds() + 0.5)
