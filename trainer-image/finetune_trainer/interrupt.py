@@ -30,8 +30,12 @@ from types import FrameType
 from typing import Any
 
 
-class Interrupted(Exception):
-    """The pod is being stopped (SIGTERM/SIGINT); the next attempt resumes from the newest checkpoint."""
+class Interrupted(BaseException):
+    """The pod is being stopped (SIGTERM/SIGINT); the next attempt resumes from the newest checkpoint.
+
+    A ``BaseException``, like ``KeyboardInterrupt``: the handler raises it wherever the main thread happens to
+    be, often deep inside a library (transformers, datasets, botocore) whose ``except Exception`` would
+    otherwise swallow it and carry on with the run."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

@@ -65,6 +65,8 @@ class Stages:
 
     @contextmanager
     def __call__(self, name: str, report_as: str | None = None, message: str | None = None) -> Iterator[None]:
+        # A signal some library's bare ``except:`` swallowed still stops the run before the next stage.
+        interrupt.check()
         self.reporter.stage(report_as or name, message)
         start = time.monotonic()
         try:
