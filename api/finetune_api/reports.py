@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError
 
+from finetune_api.plan import Estimate
 from finetune_api.spec import ApiModel
 
 MARKER = "##finetune "
@@ -40,6 +41,7 @@ class ReportKind(StrEnum):
     CHECKPOINT = "checkpoint"  # a checkpoint finished uploading
     OUTPUT = "output"  # the final model and manifest are uploaded
     ERROR = "error"  # the trainer is failing, with a reason the user can act on
+    PLAN = "plan"  # the preflight's estimate (memory, FLOPs, time), before any GPU is held
 
 
 class Report(ApiModel):
@@ -69,6 +71,7 @@ class Report(ApiModel):
         description="On an error: retrying cannot help (a user error). The trainer then waits for the operator "
         "to stop its Job before exiting 2, so no second attempt starts (Kubernetes < 1.26 has no podFailurePolicy).",
     )
+    estimate: Estimate | None = Field(default=None, description="A plan report: the planner's estimate.")
 
 
 def format_report(report: Report) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
 API_GROUP = "finetune.dev"
@@ -333,6 +333,12 @@ class Resources(ApiModel):
     """What the trainer pod gets. Unset values come from the platform's policy."""
 
     gpus: int | None = Field(default=None, ge=0, le=64, description="GPUs per pod. Default: platform policy.")
+    gpu_type: str | None = Field(
+        default=None,
+        description="GPU model the preflight planner sizes the job for: memory per GPU, whether it fits, time "
+        "and GPU-hours (h200, h100, a100-80gb, a100-40gb, l40s, l4, a10g, t4, v100-32gb, v100-16gb; "
+        "docs/planner.md). Default: the platform's gpuType.",
+    )
     gpu_resource_name: str | None = Field(
         default=None,
         description="Extended resource name of a GPU, from the platform's allowed list (by default "
@@ -353,6 +359,16 @@ class Resources(ApiModel):
         description="Taints the pod tolerates, added to the platform's own; only those the platform's policy "
         "allows (none by default).",
     )
+
+    @field_validator("gpu_type")
+    @classmethod
+    def _known_gpu_type(cls, value: str | None) -> str | None:
+        from finetune_api.plan import GPU_CATALOG  # the catalog lives with the planner, which imports this module
+
+        if value is not None and (value not in GPU_CATALOG or value == "cpu"):
+            known = ", ".join(name for name in GPU_CATALOG if name != "cpu")
+            raise ValueError(f"unknown GPU type {value!r}; known: {known}")
+        return value
 
 
 class EvaluationSpec(ApiModel):

@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import Field
 
+from finetune_api.plan import Estimate
 from finetune_api.spec import ApiModel, FineTuneJobSpec
 
 
@@ -119,6 +120,9 @@ class FineTuneJobStatus(ApiModel):
     metrics: dict[str, float] = Field(default_factory=dict, description="Latest metrics (train and eval).")
     checkpoints: list[CheckpointRecord] = Field(default_factory=list, description="Uploaded checkpoints kept.")
     output: OutputRecord | None = Field(default=None, description="The final model, once uploaded.")
+    estimate: Estimate | None = Field(
+        default=None, description="The preflight planner's estimate, before any GPU is held."
+    )
     notified: str | None = Field(
         default=None, description="The terminal phase whose notification pod was started (spec.notification)."
     )

@@ -9,6 +9,7 @@ the platform really produces from the spec:
 * the trainer's TrainingArguments, DeepSpeed config, LoRA and bitsandbytes arguments, early-stopping callback
   and generation settings,
 * the prepared data (``prepare_data`` on a small file, with a locally trained tokenizer),
+* the preflight planner's estimate for a small Llama-shaped model (``finetune_api.plan``),
 
 or be in ALLOWED with the reason its effect lies outside these. A new field with neither fails the test.
 """
@@ -25,6 +26,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
+from finetune_api import plan
 from finetune_api.resolve import SpecError, check_spec, resolve_spec
 from finetune_api.spec import FineTuneJobSpec
 from finetune_operator.builders import build_workload
@@ -48,6 +50,17 @@ WALK_POLICY = OperatorConfig.model_validate(
             "allowedNodeSelector": {"pool": ["*"]},
             "allowedStorageEndpoints": ["*"],
         }
+    }
+)
+# What the planner sizes in the walk: a small Llama from its config.json alone.
+SHAPE = plan.model_shape(
+    {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "vocab_size": 512,
+        "intermediate_size": 128,
     }
 )
 BASE: dict[str, Any] = {
@@ -119,6 +132,7 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "deepspeed.offloadOptimizer": ({"deepspeed": {}}, {"deepspeed.offloadOptimizer": True}),
     "deepspeed.offloadParams": ({"deepspeed": {"stage": 3}}, {"deepspeed.offloadParams": True}),
     "resources.gpus": ({}, {"resources.gpus": 1}),
+    "resources.gpuType": ({"resources.gpus": 1}, {"resources.gpuType": "a100-40gb"}),
     "resources.gpuResourceName": ({"resources.gpus": 1}, {"resources.gpuResourceName": "amd.com/gpu"}),
     "resources.cpu": ({}, {"resources.cpu": "3"}),
     "resources.memory": ({}, {"resources.memory": "5Gi"}),
@@ -271,6 +285,7 @@ def observe(raw: dict[str, Any], root: Path, tok: Any) -> dict[str, Any]:
         "lora": lora_kwargs(spec, architecture(spec, training, "llama")),
         "bnb": quantization_kwargs(spec) if spec.method.type == "qlora" else None,
         "early_stopping": vars(stopper) if stopper else None,
+        "estimate": plan.estimate(spec, SHAPE, plan.gpu_for(spec), spec.resources.gpus or 0).dump(),
         "generation": {**generation_kwargs(spec, training), "prompts": spec.evaluation.sample_prompts},
         "data": {
             "train": data.train.to_dict(),

@@ -5,7 +5,8 @@ resolved by ``finetune_api.resolve`` (every training default filled in) to a YAM
 resolves it again with the same function (idempotent: a resolved spec stays as it is; a hand-written file gets
 the same defaults and the same rules) and uses the values as they are. What the trainer adds needs the model's
 config.json: table lookups by ``model_type`` (LoRA target modules, classifier heads, and which architectures
-pack instruction/chat samples exactly), in :func:`architecture`.
+pack instruction/chat samples exactly), in :func:`architecture`; the tables live in ``finetune_api.architectures``
+(the preflight planner counts LoRA parameters with the same ones).
 """
 
 from __future__ import annotations
@@ -18,53 +19,15 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from finetune_api.architectures import (
+    CLASSIFIER_HEADS,
+    DECODER_HEAD,
+    PACKING_MODEL_TYPES,
+    default_targets,
+)
 from finetune_api.resolve import ResolvedJob, ResolvedTraining, SpecError, resolve_spec
 from finetune_api.spec import FineTuneJobSpec, MethodType, Task
 from finetune_api.status import FineTuneJob
-
-_LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-# LoRA target modules per `config.model_type`. Attention projections are the usual choice; for the
-# Llama family the MLP projections too (the QLoRA paper's "all linear layers" setting).
-TARGET_MODULES: dict[str, list[str]] = {
-    "gpt2": ["c_attn", "c_proj"],
-    "bloom": ["query_key_value"],
-    "gpt_neox": ["query_key_value"],
-    "falcon": ["query_key_value"],
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
-    "gemma": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
-    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
-    "opt": ["q_proj", "v_proj"],
-    "t5": ["q", "v"],
-    "mt5": ["q", "v"],
-    "bart": ["q_proj", "v_proj"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "xlm-roberta": ["query", "value"],
-    "distilbert": ["q_lin", "v_lin"],
-    "deberta-v2": ["query_proj", "value_proj"],
-}
-
-# The freshly initialised classification head must be trained (and saved) in full next to the adapters.
-CLASSIFIER_HEADS: dict[str, list[str]] = {
-    "bert": ["classifier"],
-    "roberta": ["classifier"],
-    "xlm-roberta": ["classifier"],
-    "distilbert": ["pre_classifier", "classifier"],
-    "deberta-v2": ["pooler", "classifier"],
-}
-DECODER_HEAD = ["score"]  # *ForSequenceClassification of decoder-only models
-
-# Architectures whose attention honours position ids that restart inside a row (packed samples attend only to
-# themselves, exactly as if each were its own row). tests/trainer/test_packing.py checks every one on a tiny
-# model: per-sample losses packed == unpacked. Not here (they cannot): bloom (ALiBi from the attention mask),
-# opt (positions from the attention mask).
-PACKING_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gpt_neox", "gpt2"})
 
 
 class UserError(Exception):
@@ -129,6 +92,6 @@ def architecture(spec: FineTuneJobSpec, training: ResolvedTraining, model_type: 
     if method == MethodType.FULL:
         return Architecture(model_type, None, None)
     # peft's "all-linear" when the architecture is not in the table: every linear layer but the output head.
-    target = training.target_modules or TARGET_MODULES.get(model_type) or "all-linear"
+    target = training.target_modules or default_targets(model_type)
     to_save = CLASSIFIER_HEADS.get(model_type, DECODER_HEAD) if task == Task.CLASSIFICATION else None
     return Architecture(model_type, target, to_save)
