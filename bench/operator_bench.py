@@ -81,6 +81,7 @@ from bench.benchkit import (  # noqa: E402
 )
 from finetune_api.reports import Report, ReportKind, format_report  # noqa: E402
 from tests.integration.operator_harness import (  # noqa: E402
+    NO_PREFLIGHT,
     TEST_PLATFORM_DEFAULTS,
     FakeKubeletLogs,
     register_fake_node,
@@ -101,7 +102,10 @@ CONTROL_PLANE_ENV = {
     "FINETUNE_KCM_PORT": "10650",
 }
 # The platform policy (the chart's `policy` values): only defaults that make trainer pods fit a CPU-only node.
-OPERATOR_CONFIG: dict[str, Any] = {"defaults": {**TEST_PLATFORM_DEFAULTS, "image": "finetune-trainer:bench"}}
+OPERATOR_CONFIG: dict[str, Any] = {
+    "defaults": {**TEST_PLATFORM_DEFAULTS, "image": "finetune-trainer:bench"},
+    "preflight": NO_PREFLIGHT,  # the bench measures the operator core; a preflight adds one pod per job
+}
 SPEC: dict[str, Any] = valid_spec(runPolicy={"backoffLimit": 2})  # the endpoint is the platform's
 IDLE_MARGIN_PTS = 1.0  # "at idle level": within this many percentage points of a core of the idle operator
 

@@ -100,6 +100,9 @@ PRINTER_COLUMNS = [
     {"name": "Loss", "type": "number", "jsonPath": ".status.loss"},
     {"name": "ETA", "type": "integer", "jsonPath": ".status.progress.etaSeconds", "priority": 1},
     {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1},
+    # The preflight's estimate, known before any GPU is held: GiB per GPU and GPU-hours.
+    {"name": "GiB/GPU", "type": "number", "jsonPath": ".status.estimate.memory.totalGib", "priority": 1},
+    {"name": "GPU-h", "type": "number", "jsonPath": ".status.estimate.gpuHours", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

@@ -26,6 +26,7 @@ TERMINAL_PHASES = frozenset({Phase.SUCCEEDED, Phase.FAILED, Phase.CANCELLED})
 
 class ConditionType(StrEnum):
     VALIDATED = "Validated"
+    PLANNED = "Planned"  # the CPU preflight checked the data and sized the job (status.estimate)
     WORKLOAD_CREATED = "WorkloadCreated"
     RUNNING = "Running"
     SUSPENDED = "Suspended"
@@ -36,7 +37,7 @@ class ConditionType(StrEnum):
 class Condition(ApiModel):
     """A condition as the Kubernetes API conventions describe it."""
 
-    type: str = Field(description="Validated, WorkloadCreated, Running, Suspended, Succeeded or Failed.")
+    type: str = Field(description="Validated, Planned, WorkloadCreated, Running, Suspended, Succeeded or Failed.")
     status: str = Field(pattern="^(True|False|Unknown)$", description="True, False or Unknown.")
     reason: str = Field(description="CamelCase machine-readable reason.")
     message: str = Field(default="", description="Human-readable details: what happened and what to do.")

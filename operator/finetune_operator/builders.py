@@ -14,6 +14,7 @@ import yaml
 
 from finetune_api.spec import FineTuneJobSpec, NotificationSpec
 from finetune_api.status import FineTuneJob, FineTuneJobMeta
+from finetune_operator.config import Preflight
 
 LABEL_JOB = "finetune.dev/job-name"
 LABEL_UID = "finetune.dev/job-uid"
@@ -28,6 +29,7 @@ TRAINER_UID = 1000
 TERMINATION_GRACE_SECONDS = 120
 HOLD_ON_USER_ERROR_SECONDS = 60
 INTERRUPTIONS_ALLOWED = 50  # evictions/preemptions before the Job controller itself gives up
+PREFLIGHT_DEADLINE_SECONDS = 3600  # a preflight still running after an hour (a huge dataset) is stopped
 
 
 def child_name(job_name: str, suffix: str) -> str:
@@ -152,48 +154,19 @@ def build_workload(
         "imagePullPolicy": image_pull_policy,
         "command": ["python", "-m", "finetune_trainer", "--config", f"{CONFIG_MOUNT}/{CONFIG_FILE}"],
         "env": [
-            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            *_base_env(),
             {"name": "FINETUNE_GPUS", "value": str(spec.resources.gpus or 0)},
-            {"name": "HOME", "value": WORKSPACE},
-            {"name": "HF_HOME", "value": f"{WORKSPACE}/hf"},
-            {"name": "FINETUNE_CACHE", "value": f"{WORKSPACE}/cache"},
-            {"name": "PYTHONUNBUFFERED", "value": "1"},
             # After a user error the trainer waits (this long at most) for the operator to stop the Job, so the Job
             # controller starts no second pod; the operator's reaction takes about a second.
             {"name": "FINETUNE_HOLD_ON_USER_ERROR_SECONDS", "value": str(HOLD_ON_USER_ERROR_SECONDS)},
             *_storage_env(spec),
         ],
         "resources": _resources(spec),
-        "volumeMounts": [
-            {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
-            {"name": "workspace", "mountPath": WORKSPACE},
-            {"name": "tmp", "mountPath": "/tmp"},
-            {"name": "shm", "mountPath": "/dev/shm"},
-        ],
+        "volumeMounts": [dict(m) for m in _MOUNTS],
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": restricted_container(),
     }
-    pod_spec: dict[str, Any] = {
-        "restartPolicy": "Never",
-        # On SIGTERM (deletion, eviction, preemption, suspend) the trainer saves and uploads a checkpoint first.
-        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
-        "automountServiceAccountToken": False,
-        "enableServiceLinks": False,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": TRAINER_UID,
-            "runAsGroup": TRAINER_UID,
-            "fsGroup": TRAINER_UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-        "containers": [container],
-        "volumes": [
-            {"name": "config", "configMap": {"name": config_name(meta["name"])}},
-            {"name": "workspace", "emptyDir": {}},
-            {"name": "tmp", "emptyDir": {}},
-            {"name": "shm", "emptyDir": {"medium": "Memory"}},
-        ],
-    }
+    pod_spec = _pod_spec(meta, container)
     if spec.resources.node_selector:
         pod_spec["nodeSelector"] = dict(spec.resources.node_selector)
     if spec.resources.tolerations:
@@ -232,6 +205,93 @@ def build_workload(
             "labels": job_labels,
         },
         "spec": job_spec,
+    }
+
+
+def _pod_spec(meta: dict[str, Any], container: dict[str, Any]) -> dict[str, Any]:
+    """The trainer's pod (and the preflight's): restricted, no API token, the job's config and scratch volumes."""
+    return {
+        "restartPolicy": "Never",
+        # On SIGTERM (deletion, eviction, preemption, suspend) the trainer saves and uploads a checkpoint first.
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": TRAINER_UID,
+            "runAsGroup": TRAINER_UID,
+            "fsGroup": TRAINER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [
+            {"name": "config", "configMap": {"name": config_name(meta["name"])}},
+            {"name": "workspace", "emptyDir": {}},
+            {"name": "tmp", "emptyDir": {}},
+            {"name": "shm", "emptyDir": {"medium": "Memory"}},
+        ],
+    }
+
+
+def _base_env() -> list[dict[str, Any]]:
+    return [
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "HOME", "value": WORKSPACE},
+        {"name": "HF_HOME", "value": f"{WORKSPACE}/hf"},
+        {"name": "FINETUNE_CACHE", "value": f"{WORKSPACE}/cache"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+
+
+_MOUNTS: list[dict[str, Any]] = [
+    {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+    {"name": "workspace", "mountPath": WORKSPACE},
+    {"name": "tmp", "mountPath": "/tmp"},
+    {"name": "shm", "mountPath": "/dev/shm"},
+]
+
+
+def preflight_name(job_name: str) -> str:
+    return child_name(job_name, "preflight")
+
+
+def build_preflight(
+    meta: dict[str, Any], spec: FineTuneJobSpec, image_pull_policy: str, settings: Preflight
+) -> dict[str, Any]:
+    """The CPU preflight: one small pod of the trainer image that checks the dataset and sizes the job
+    (``python -m finetune_trainer.preflight``) before any GPU is requested. Its verdict, a ``plan`` or a final
+    ``error`` report, comes back in its termination message. No GPU, no tenant placement (the platform's preflight
+    settings place it on CPU nodes), one retry at most: a failure is reported, not looped on."""
+    pod_labels = labels(meta, "preflight")
+    amounts = {"cpu": settings.cpu, "memory": settings.memory}
+    if spec.resources.ephemeral_storage is not None:
+        amounts["ephemeral-storage"] = str(spec.resources.ephemeral_storage)
+    container = {
+        "name": "preflight",
+        "image": spec.image,
+        "imagePullPolicy": image_pull_policy,
+        "command": ["python", "-m", "finetune_trainer.preflight", "--config", f"{CONFIG_MOUNT}/{CONFIG_FILE}"],
+        "env": [*_base_env(), {"name": "FINETUNE_GPUS", "value": str(spec.resources.gpus or 0)}, *_storage_env(spec)],
+        "resources": {"requests": dict(amounts), "limits": dict(amounts)},
+        "volumeMounts": [dict(m) for m in _MOUNTS],
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": restricted_container(),
+    }
+    pod_spec = _pod_spec(meta, container)
+    pod_spec["terminationGracePeriodSeconds"] = 10  # nothing to save
+    if settings.node_selector:
+        pod_spec["nodeSelector"] = dict(settings.node_selector)
+    if settings.tolerations:
+        pod_spec["tolerations"] = [t.dump() for t in settings.tolerations]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": preflight_name(meta["name"]), "namespace": meta.get("namespace"), "labels": pod_labels},
+        "spec": {
+            "backoffLimit": 1,
+            "activeDeadlineSeconds": PREFLIGHT_DEADLINE_SECONDS,
+            "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+        },
     }
 
 

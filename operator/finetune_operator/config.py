@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from finetune_api.plan import gpu_type
 from finetune_api.spec import Toleration
 
 # An extended resource from a device vendor: a DNS domain with at least one dot, a slash, a name. Core resources
@@ -51,6 +52,9 @@ class Defaults(_Model):
     gpus: int = Field(default=1, ge=0)
     # The platform's own GPU resource: admitted whatever limits.allowedGpuResourceNames says.
     gpu_resource_name: str = "nvidia.com/gpu"
+    # The GPU model of the platform's GPU nodes: the preflight sizes jobs for it (memory per GPU, time) unless a
+    # job names resources.gpuType. One of finetune_api.plan.GPU_CATALOG.
+    gpu_type: str = "h100"
     cpu: str = "4"
     memory: str = "32Gi"
     ephemeral_storage: str = "50Gi"
@@ -63,6 +67,13 @@ class Defaults(_Model):
     @classmethod
     def _gpu_name(cls, value: str) -> str:
         return _check_vendor_resource(value)
+
+    @field_validator("gpu_type")
+    @classmethod
+    def _gpu_type(cls, value: str) -> str:
+        if value == "cpu":
+            raise ValueError("gpuType names a GPU model (h100, a100-80gb, ...); CPU-only jobs have gpus: 0")
+        return gpu_type(value).name  # PlanError (a ValueError) names the known types
 
     @field_validator("tolerations")
     @classmethod
@@ -154,6 +165,18 @@ class Limits(_Model):
         return value
 
 
+class Preflight(_Model):
+    """The CPU preflight that checks a job's data and sizes it (memory per GPU, time) before its GPU pods are
+    requested; a job that cannot fit its GPUs, or whose data is wrong, fails there without holding a GPU."""
+
+    enabled: bool = True
+    cpu: str = "1"
+    memory: str = "4Gi"
+    # Where the preflight pod may run: the platform's CPU nodes (it requests no GPU).
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+
+
 class TenantPolicy(_Model):
     """Per-namespace overrides: only the keys given replace the platform-wide ones."""
 
@@ -164,6 +187,7 @@ class TenantPolicy(_Model):
 class OperatorConfig(_Model):
     defaults: Defaults = Field(default_factory=Defaults)
     limits: Limits = Field(default_factory=Limits)
+    preflight: Preflight = Field(default_factory=Preflight)
     # Namespace -> overrides, e.g. a research team gets more GPUs: {"research": {"limits": {"maxGpusPerJob": 16}}}
     tenants: dict[str, TenantPolicy] = Field(default_factory=dict)
     # Progress from a running trainer's log stream is written to its status at most this often (seconds), so 200

@@ -282,17 +282,23 @@ class Controller:
         self.validations[record.uid] = (record.generation, result)
         return result
 
-    def _observe(self, uid: str, workload: str) -> Observation:
-        jobs = [j for j in self.jobs.get(uid, ()) if j.name == workload]
-        pods = sorted(self.pods.get(uid, ()), key=lambda p: (p.created, p.name))
+    def _observe(self, uid: str, workload: str, preflight: str) -> Observation:
+        jobs = {j.name: j for j in self.jobs.get(uid, ()) if j.name in (workload, preflight)}
+        children = sorted(self.pods.get(uid, ()), key=lambda p: (p.created, p.name))
+        pods = [p for p in children if p.component != "preflight"]
         reports: list[Report] = []
         for pod in pods:
             reports += self.pending.get(uid, {}).get(pod.name, [])
         reports += self.errors.get(uid, {}).values()
-        if pods:
+        if children:
             self.quota_messages.pop(uid, None)  # a pod exists: whatever refused one before is past
         return Observation(
-            job=jobs[0] if jobs else None, pods=pods, reports=reports, quota_message=self.quota_messages.get(uid)
+            job=jobs.get(workload),
+            pods=pods,
+            reports=reports,
+            quota_message=self.quota_messages.get(uid),
+            preflight=jobs.get(preflight),
+            preflight_pods=[p for p in children if p.component == "preflight"],
         )
 
     async def _drain(self, record: Record, pods: list[PodView]) -> None:
@@ -332,11 +338,11 @@ class Controller:
         if record is None or record.deleting:
             return
         status = parse_status(record.status)
-        workload = builders.workload_name(record.name)
-        obs = self._observe(uid, workload)
+        workload, preflight = builders.workload_name(record.name), builders.preflight_name(record.name)
+        obs = self._observe(uid, workload, preflight)
         if status.phase not in TERMINAL:
             await self._drain(record, obs.pods)
-            obs = self._observe(uid, workload)
+            obs = self._observe(uid, workload, preflight)
         # What this decision folds in; reports arriving while it is applied stay pending for the next one.
         included = {pod.name: len(self.pending.get(uid, {}).get(pod.name, [])) for pod in obs.pods}
         decision = decide(
@@ -349,6 +355,7 @@ class Controller:
             now=dt.datetime.now(dt.UTC),
             start_deadline_seconds=self.cfg.start_deadline_seconds,
             pod_failure_policy=self.pod_failure_policy,
+            preflight_settings=self.cfg.for_namespace(record.namespace).preflight,
         )
         decision = notify(decision, record.ref, record.spec, self.notifier_image(), self.cfg.defaults.image_pull_policy)
         decision = await self._apply(record, status, decision)

@@ -27,7 +27,14 @@ from finetune_operator.observe import JobView, PodView, job_view, pod_view
 
 OLD_FINALIZER = "finetune.dev/cleanup"  # added by versions before 0.2; kopf removes it now that nothing needs it
 CHILD_LABELS: dict[str, str | MetaFilterToken] = {LABEL_MANAGED_BY: MANAGER, LABEL_UID: kopf.PRESENT}
-TRAINER_LABELS: dict[str, str | MetaFilterToken] = {**CHILD_LABELS, LABEL_COMPONENT: "trainer"}
+POD_COMPONENTS = ("trainer", "preflight")  # the notifier's pod is watched by nobody: its Job says enough
+
+
+def _pod_component(value: str | None, **_: Any) -> bool:
+    return value in POD_COMPONENTS
+
+
+POD_LABELS: dict[str, Any] = {**CHILD_LABELS, LABEL_COMPONENT: _pod_component}
 
 CONTROLLER: Controller | None = None
 
@@ -43,7 +50,9 @@ async def start(settings: kopf.OperatorSettings, **_: Any) -> None:
         prefix="finetune.dev", key="last-handled-configuration"
     )
     settings.watching.label_selectors["batch", "v1", "jobs"] = f"{LABEL_MANAGED_BY}={MANAGER}"
-    settings.watching.label_selectors["v1", "pods"] = f"{LABEL_MANAGED_BY}={MANAGER},{LABEL_COMPONENT}=trainer"
+    settings.watching.label_selectors["v1", "pods"] = (
+        f"{LABEL_MANAGED_BY}={MANAGER},{LABEL_COMPONENT} in ({','.join(POD_COMPONENTS)})"
+    )
     # Only the Job controller's "could not create a pod" events (quota), not the cluster's event stream.
     settings.watching.field_selectors["v1", "events"] = "involvedObject.kind=Job,reason=FailedCreate"
     settings.posting.level = logging.WARNING  # our own Events carry the milestones; not kopf's chatter
@@ -74,7 +83,7 @@ def trainer_jobs(body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[str, Jo
     return {labels[LABEL_UID]: job_view(body)}
 
 
-@kopf.index("v1", "pods", labels=TRAINER_LABELS)
+@kopf.index("v1", "pods", labels=POD_LABELS)
 def trainer_pods(body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[str, PodView]:
     return {labels[LABEL_UID]: pod_view(body)}
 
@@ -113,7 +122,7 @@ async def quota_changed(namespace: str | None, **_: Any) -> None:
         CONTROLLER.quota_changed(namespace)
 
 
-@kopf.on.event("v1", "pods", labels=TRAINER_LABELS)
+@kopf.on.event("v1", "pods", labels=POD_LABELS)
 async def trainer_pod_changed(labels: kopf.Labels, **_: Any) -> None:
     if CONTROLLER is not None:
         CONTROLLER.child_event(labels.get(LABEL_UID))

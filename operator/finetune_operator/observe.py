@@ -58,6 +58,7 @@ class PodView:
     pod_reason: str | None = None  # status.reason of the pod itself, e.g. Evicted
     disrupted: bool = False  # the DisruptionTarget condition (Kubernetes 1.26+: preemption, eviction, drain)
     deleting: bool = False  # deletionTimestamp set: someone (a drain, a preemption, a person) is removing it
+    component: str = "trainer"  # its app.kubernetes.io/component label: trainer or preflight
 
     @property
     def running(self) -> bool:
@@ -91,6 +92,8 @@ class Observation:
     # Why the Job controller could not create a pod (its FailedCreate event), e.g. "exceeded quota: ...".
     quota_message: str | None = None
     secrets: list[str] = field(default_factory=list)  # the Secrets the trainer pod references (for messages)
+    preflight: JobView | None = None  # the CPU preflight's Job (preflight.py), while it exists
+    preflight_pods: list[PodView] = field(default_factory=list)  # oldest first
 
 
 def _ts(value: str | None) -> str | None:
@@ -133,6 +136,7 @@ def pod_view(pod: Mapping[str, Any]) -> PodView:
         pod_reason=status.get("reason"),
         disrupted=disrupted,
         deleting=bool(meta.get("deletionTimestamp")),
+        component=(meta.get("labels") or {}).get("app.kubernetes.io/component") or "trainer",
     )
 
 

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from finetune_api.spec import API_GROUP, API_VERSION, KIND, FineTuneJobSpec, NotificationSpec
-from finetune_api.status import ConditionType, FineTuneJobStatus, Phase
-from finetune_operator import builders
+from finetune_api.status import Condition, ConditionType, FineTuneJobStatus, Phase
+from finetune_operator import builders, preflight
+from finetune_operator.config import Preflight
 from finetune_operator.notify import payload
 from finetune_operator.observe import (
     Observation,
@@ -237,9 +238,62 @@ def _cancel(status: FineTuneJobStatus, gen: int | None, obs: Observation, stamp:
         }
     )
     actions: list[Action] = [PostEvent("Normal", "Cancelled", message)]
-    if obs.job is not None:
-        actions.insert(0, DeleteWorkload(obs.job.name))
+    for child in (obs.job, obs.preflight):
+        if child is not None:
+            actions.insert(0, DeleteWorkload(child.name))
     return Decision(new, actions)
+
+
+def _preflight(
+    ref: JobRef,
+    spec: FineTuneJobSpec,
+    status: FineTuneJobStatus,
+    conds: list[Condition],
+    obs: Observation,
+    config_map: dict[str, Any],
+    settings: Preflight,
+    image_pull_policy: str,
+    now: dt.datetime,
+    start_deadline_seconds: float | None,
+) -> Decision | tuple[FineTuneJobStatus, list[Condition], list[Action]]:
+    """The preflight step (see preflight.py): a Decision while it runs or when it failed the job; once the job is
+    planned, the status and conditions to go on with, and the actions so far (deleting the preflight's Job)."""
+    stamp, gen = _stamp(now), ref.generation
+    name = builders.preflight_name(ref.name)
+    if obs.preflight is None:
+        if obs.quota_message:
+            return queued(status, ref, obs.quota_message, now)
+        job = adopt(builders.build_preflight(ref.meta(), spec, image_pull_policy, settings), ref)
+        message = "checking the data and sizing the job on CPU before requesting GPUs"
+        create = CreateWorkload(config_map, job, "Preflight", f"started the preflight: {message}")
+        conds = set_condition(conds, ConditionType.PLANNED, "Unknown", "Preflight", message, gen, stamp)
+        update = {"phase": Phase.PENDING.value, "reason": "Preflight", "message": message, "completion_time": None}
+        new = status.model_copy(update={**update, "conditions": conds, "observed_generation": gen})
+        return Decision(new, [create])
+    secrets = [spec.storage.secret_ref.name] if spec.storage.secret_ref else []
+    verdict = preflight.verdict(obs.preflight, obs.preflight_pods, now, start_deadline_seconds, secrets)
+    outcome = preflight.Outcome
+    if verdict.outcome == outcome.WAITING:
+        if not obs.preflight_pods and obs.quota_message:
+            return queued(status, ref, obs.quota_message, now)
+        conds = set_condition(conds, ConditionType.PLANNED, "Unknown", verdict.reason, verdict.message, gen, stamp)
+        update = {"phase": Phase.PENDING.value, "reason": verdict.reason, "message": verdict.message}
+        new = status.model_copy(update={**update, "conditions": conds, "observed_generation": gen})
+        left = preflight.deadline_left(obs.preflight_pods, now, start_deadline_seconds)
+        return Decision(new, requeue_after=left)
+    planned = "True" if verdict.outcome == outcome.FITS else "False"
+    conds = set_condition(conds, ConditionType.PLANNED, planned, verdict.reason, verdict.message, gen, stamp)
+    status = status.model_copy(update={"conditions": conds, "estimate": verdict.estimate or status.estimate})
+    actions: list[Action] = [DeleteWorkload(name)]
+    if verdict.outcome in (outcome.FITS, outcome.SKIPPED):
+        if verdict.outcome == outcome.SKIPPED:
+            actions.append(PostEvent("Warning", verdict.reason, verdict.message))
+        else:
+            actions.append(PostEvent("Normal", "Planned", verdict.message))
+        return status, conds, actions
+    decision = fail(status, gen, verdict.reason, verdict.message, stamp, validated=True)
+    decision.actions[:0] = actions
+    return decision
 
 
 def decide(
@@ -253,6 +307,7 @@ def decide(
     now: dt.datetime,
     start_deadline_seconds: float | None = None,
     pod_failure_policy: bool = False,
+    preflight_settings: Preflight | None = None,
 ) -> Decision:
     """The next status and the actions that make the world match the spec."""
     stamp, gen = _stamp(now), ref.generation
@@ -269,6 +324,8 @@ def decide(
     workload = builders.workload_name(ref.name)
     actions: list[Action] = []
 
+    if obs.preflight is not None and (spec.run_policy.suspend or status.phase in TERMINAL):
+        actions.append(DeleteWorkload(obs.preflight.name))  # a preflight of a suspended or finished job is moot
     if spec.run_policy.suspend:
         active = status.active_seconds
         if obs.job is not None:
@@ -303,6 +360,13 @@ def decide(
         if waited > start_deadline_seconds:
             message = f"the trainer did not start within {start_deadline_seconds:g}s ({status.message})"
             return fail(status, gen, "StartDeadlineExceeded", message, stamp, validated=True)
+    planning = preflight_settings is not None and preflight_settings.enabled and preflight.needs_preflight(status, gen)
+    if obs.job is None and planning and preflight_settings is not None:
+        args = (config_map, preflight_settings, image_pull_policy, now, start_deadline_seconds)
+        step = _preflight(ref, spec, status, conds, obs, *args)
+        if isinstance(step, Decision):
+            return step
+        status, conds, actions = step
     if obs.job is None:
         # No Job: a new or unsuspended job, a revived one, or one whose Job was deleted by hand (the trainer resumes).
         recreated = status.workload is not None and status.phase in (Phase.PENDING, Phase.RUNNING)
@@ -321,7 +385,7 @@ def decide(
         conds = set_condition(conds, ConditionType.WORKLOAD_CREATED, "True", "Created", f"Job {workload}", gen, stamp)
         conds = set_condition(conds, ConditionType.SUSPENDED, "False", "Created", message, gen, stamp)
         update: dict[str, Any] = {"conditions": conds, "observed_generation": gen, "workload": workload}
-        if status.phase in (None, Phase.FAILED, Phase.SUSPENDED):
+        if status.phase in (None, Phase.FAILED, Phase.SUSPENDED) or status.reason == "Preflight":
             update.update({"phase": Phase.PENDING.value, "reason": reason, "message": message, "completion_time": None})
         return Decision(status.model_copy(update=update), actions)
 

@@ -393,9 +393,12 @@ def apply_platform_defaults(spec: FineTuneJobSpec, cfg: OperatorConfig) -> FineT
     """Fill the values the platform team owns (image, resources, storage endpoint) where the tenant left them."""
     d = cfg.defaults
     platform = [Toleration.model_validate(t) for t in d.tolerations]
+    gpus = d.gpus if spec.resources.gpus is None else spec.resources.gpus
     res = spec.resources.model_copy(
         update={
-            "gpus": d.gpus if spec.resources.gpus is None else spec.resources.gpus,
+            "gpus": gpus,
+            # What the preflight sizes the job for: the platform's GPU model, unless the tenant named one.
+            "gpu_type": spec.resources.gpu_type or (d.gpu_type if gpus else None),
             "gpu_resource_name": spec.resources.gpu_resource_name or d.gpu_resource_name,
             "cpu": spec.resources.cpu if spec.resources.cpu is not None else d.cpu,
             "memory": spec.resources.memory if spec.resources.memory is not None else d.memory,

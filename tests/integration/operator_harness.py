@@ -41,6 +41,9 @@ TEST_PLATFORM_DEFAULTS: dict[str, Any] = {
     "memory": "1Gi",
     "storageEndpoint": "http://198.18.0.1:9000",
 }
+# The operator's own tiers (fake kubelet) play the trainer pod; tests/integration/test_preflight.py and the e2e
+# tier cover the preflight pod, which these settings switch off.
+NO_PREFLIGHT: dict[str, Any] = {"enabled": False}
 # A valid instruction-tuning job; tests copy it (copy.deepcopy) and change what they need.
 VALID_SPEC: dict[str, Any] = {
     "model": {"uri": "s3://models/tiny-gpt2/"},

@@ -24,6 +24,7 @@ from kubernetes.client.exceptions import ApiException
 
 from finetune_operator.admission import WEBHOOK_PATH
 from tests.integration.operator_harness import (
+    NO_PREFLIGHT,
     TEST_PLATFORM_DEFAULTS,
     OperatorProcess,
     install_crd,
@@ -35,7 +36,12 @@ pytestmark = pytest.mark.integration
 
 GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
 SELECTOR_LABEL = "finetune.test/admission"
-OPERATOR_CONFIG = {"defaults": TEST_PLATFORM_DEFAULTS, "limits": {"maxGpusPerJob": 2}, "pollSeconds": 1.0}
+OPERATOR_CONFIG = {
+    "defaults": TEST_PLATFORM_DEFAULTS,
+    "limits": {"maxGpusPerJob": 2},
+    "preflight": NO_PREFLIGHT,
+    "pollSeconds": 1.0,
+}
 SPEC: dict[str, Any] = valid_spec()
 
 

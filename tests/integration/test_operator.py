@@ -19,6 +19,7 @@ from kubernetes.client.exceptions import ApiException
 
 from finetune_api.reports import Report, ReportKind, format_report
 from tests.integration.operator_harness import (
+    NO_PREFLIGHT,
     TEST_PLATFORM_DEFAULTS,
     FakeKubeletLogs,
     OperatorProcess,
@@ -32,7 +33,7 @@ pytestmark = pytest.mark.integration
 
 GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
 NODE = "fake-kubelet"
-OPERATOR_CONFIG = {"defaults": TEST_PLATFORM_DEFAULTS, "pollSeconds": 1.0}
+OPERATOR_CONFIG = {"defaults": TEST_PLATFORM_DEFAULTS, "preflight": NO_PREFLIGHT, "pollSeconds": 1.0}
 VALID_SPEC: dict[str, Any] = valid_spec(runPolicy={"backoffLimit": 2})
 
 

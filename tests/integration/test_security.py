@@ -24,6 +24,7 @@ from kubernetes import client
 
 from finetune_operator.builders import workload_name
 from tests.integration.operator_harness import (
+    NO_PREFLIGHT,
     TEST_PLATFORM_DEFAULTS,
     FakeKubeletLogs,
     OperatorProcess,
@@ -38,7 +39,7 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
 NODE = "fake-kubelet-security"
-OPERATOR_CONFIG = {"defaults": TEST_PLATFORM_DEFAULTS, "pollSeconds": 1.0}
+OPERATOR_CONFIG = {"defaults": TEST_PLATFORM_DEFAULTS, "preflight": NO_PREFLIGHT, "pollSeconds": 1.0}
 SPEC: dict[str, Any] = valid_spec(runPolicy={"backoffLimit": 1})
 HOST_PATH_VOLUME = [{"name": "root", "hostPath": {"path": "/"}}]
 ROOT_CONTEXT = {"privileged": True, "runAsUser": 0, "capabilities": {"add": ["SYS_ADMIN", "NET_ADMIN"]}}

@@ -80,3 +80,27 @@ def test_config_map_round_trips_to_the_trainer_model() -> None:
     job = FineTuneJob.model_validate(yaml.safe_load(cm["data"]["job.yaml"]))
     assert job.spec == spec
     assert job.metadata.name == "chat-job"
+
+
+def test_the_preflight_pod_is_as_restricted_as_the_trainer_requests_no_gpu_and_is_placed_by_the_platform() -> None:
+    from finetune_operator.config import Preflight
+
+    spec = resolved("07-chat.yaml")
+    settings = Preflight.model_validate(
+        {"cpu": "500m", "memory": "2Gi", "nodeSelector": {"pool": "cpu"}, "tolerations": [{"operator": "Exists"}]}
+    )
+    job = builders.build_preflight(META, spec, "IfNotPresent", settings)
+    trainer = builders.build_workload(META, spec)["spec"]["template"]["spec"]
+    pod = job["spec"]["template"]["spec"]
+    c, t = pod["containers"][0], trainer["containers"][0]
+    assert c["securityContext"] == t["securityContext"] and pod["securityContext"] == trainer["securityContext"]
+    assert pod["automountServiceAccountToken"] is False and pod["volumes"] == trainer["volumes"]
+    assert c["resources"]["limits"] == {"cpu": "500m", "memory": "2Gi", "ephemeral-storage": "50Gi"}
+    assert pod["nodeSelector"] == {"pool": "cpu"} and pod["tolerations"] == [{"operator": "Exists"}]
+    assert c["image"] == t["image"] and c["command"][:3] == ["python", "-m", "finetune_trainer.preflight"]
+    # The same object-store access (credentials by reference), and no hold after an error: nobody waits on it.
+    creds = [e for e in c["env"] if e["name"].startswith("AWS_")]
+    assert creds == [e for e in t["env"] if e["name"].startswith("AWS_")] and creds
+    assert "FINETUNE_HOLD_ON_USER_ERROR_SECONDS" not in {e["name"] for e in c["env"]}
+    assert job["metadata"]["name"] == "chat-job-preflight" and job["spec"]["backoffLimit"] == 1
+    assert job["spec"]["template"]["metadata"]["labels"][builders.LABEL_COMPONENT] == "preflight"
