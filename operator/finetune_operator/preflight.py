@@ -42,6 +42,9 @@ class Verdict:
     estimate: Estimate | None = None
 
 
+SKIPPED_REASONS = frozenset({"PreflightFailed", "NotSized"})  # Planned=False, yet the trainer went ahead
+
+
 def needs_preflight(status: FineTuneJobStatus, generation: int | None) -> bool:
     """Whether the job must pass (again) the preflight before its trainer's Job is created: it never passed, or
     its spec changed before any trainer pod ran. A job that trained already and resumes (unsuspended, its Job
@@ -49,7 +52,7 @@ def needs_preflight(status: FineTuneJobStatus, generation: int | None) -> bool:
     planned = next((c for c in status.conditions if c.type == ConditionType.PLANNED), None)
     if planned is None or planned.status == "Unknown":
         return True
-    if planned.status == "False" and planned.reason != "PreflightFailed":
+    if planned.status == "False" and planned.reason not in SKIPPED_REASONS:
         return True  # it failed there and the spec was edited since (decide only gets here for a revived job)
     return planned.observed_generation != generation and status.attempts == 0
 
@@ -69,9 +72,18 @@ def verdict(
     """What the preflight decided, or why it has not yet."""
     for pod in reversed(pods):  # newest first: a retried preflight's verdict is its last pod's
         reports = reports_from_text(pod.termination_message)
-        plans = [r.estimate for r in reports if r.kind == ReportKind.PLAN and r.estimate is not None]
+        plans = [r for r in reports if r.kind == ReportKind.PLAN]
+        if pod.phase == "Succeeded" and plans and plans[-1].estimate is None:
+            why = plans[-1].message or "an architecture the planner does not know"
+            return Verdict(
+                Outcome.SKIPPED,
+                "NotSized",
+                f"the preflight checked the data but could not size the job ({why}); the trainer starts without "
+                "an estimate",
+            )
         if pod.phase == "Succeeded" and plans:
-            estimate = plans[-1]
+            estimate = plans[-1].estimate
+            assert estimate is not None
             if estimate.fits:
                 return Verdict(Outcome.FITS, "Fits", estimate.summary, estimate)
             return Verdict(Outcome.TOO_LARGE, "InsufficientGpuMemory", too_large_message(estimate), estimate)

@@ -221,3 +221,14 @@ def test_disabled_preflight_creates_the_trainer_at_once() -> None:
         preflight_settings=Preflight(enabled=False),
     )
     assert [a.job["metadata"]["name"] for a in d.actions if isinstance(a, CreateWorkload)] == ["qa-trainer"]
+
+
+def test_a_model_the_planner_cannot_size_still_trains_after_the_data_check() -> None:
+    plan = Report(seq=7, kind=ReportKind.PLAN, time="t", message="cannot size this job: unknown model_type 'mamba'")
+    d = run(run().status.dump(), finished_with(plan, 0))
+    assert conditions(d)["Planned"] == ("False", "NotSized") and d.status.estimate is None
+    assert [a.job["metadata"]["name"] for a in d.actions if isinstance(a, CreateWorkload)] == ["qa-trainer"]
+    assert "mamba" in next(a.message for a in d.actions if isinstance(a, PostEvent))
+    # and it is not planned again when its Job is recreated
+    again = run(d.status.dump(), Observation(job=None))
+    assert [a.job["metadata"]["name"] for a in again.actions if isinstance(a, CreateWorkload)] == ["qa-trainer"]
