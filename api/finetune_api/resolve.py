@@ -3,9 +3,9 @@
 ``resolve_spec(spec)`` checks the spec's cross-field rules and returns a :class:`ResolvedJob`:
 
 * ``spec``: the same spec with every training default written into its own fields (learningRate, packing,
-  blockSize, evalBatchSize, evaluation.metrics, evaluation.maxSamples, evaluation.bestModelMetric when early
-  stopping needs one, evaluation.steps / checkpoints.everySteps on one grid when a best model is picked). This
-  is what the operator writes into the ConfigMap the trainer reads, and what the manifest records.
+  blockSize, groupByLength, evalBatchSize, evaluation.metrics, evaluation.maxSamples, evaluation.bestModelMetric
+  when early stopping needs one, evaluation.steps / checkpoints.everySteps on one grid when a best model is
+  picked). This is what the operator writes into the ConfigMap the trainer reads, and what the manifest records.
 * ``training``: a typed view of those values with nothing optional left to guess (the Trainer's metric name,
   greater-is-better, ...).
 
@@ -86,6 +86,7 @@ class ResolvedTraining(ApiModel):
     learning_rate: float = Field(description="Peak learning rate.")
     packing: bool = Field(description="Whether samples are packed into blocks.")
     block_size: int | None = Field(description="Packing block length in tokens; null without packing.")
+    group_by_length: bool = Field(description="Whether training batches are drawn from samples of similar length.")
     eval_batch_size: int = Field(description="Per-device evaluation batch size.")
     eval_max_samples: int = Field(description="Validation rows used for generation metrics and samples.")
     metrics: list[str] = Field(description="Metrics reported after training.")
@@ -253,6 +254,15 @@ def _check_packing(spec: FineTuneJobSpec) -> list[Problem]:
             )
         )
     packing = _packing(spec)
+    if hp.group_by_length and packing:
+        problems.append(
+            Problem(
+                "UnsupportedCombination",
+                "spec.hyperparameters.groupByLength",
+                "packed rows hold no padding, so grouping them by length saves nothing; it applies only without "
+                "packing (set packing: false, or leave groupByLength unset)",
+            )
+        )
     if hp.block_size is not None and not packing:
         problems.append(
             Problem(
@@ -451,6 +461,8 @@ def _fill(spec: FineTuneJobSpec) -> FineTuneJobSpec:
             "learning_rate": hp.learning_rate or (LR_FULL if method == MethodType.FULL else LR_LORA),
             "packing": packing,
             "block_size": (hp.block_size or hp.max_seq_length) if packing else None,
+            # Per-batch padding wastes least when a batch's samples have similar lengths; packing has no padding.
+            "group_by_length": (hp.group_by_length if hp.group_by_length is not None else True) and not packing,
             "eval_batch_size": hp.eval_batch_size or hp.batch_size,
         }
     )
@@ -467,6 +479,7 @@ def _fill(spec: FineTuneJobSpec) -> FineTuneJobSpec:
 def _training(spec: FineTuneJobSpec) -> ResolvedTraining:
     hp, ev, m = spec.hyperparameters, spec.evaluation, spec.method
     assert hp.learning_rate is not None and hp.eval_batch_size is not None and hp.packing is not None
+    assert hp.group_by_length is not None
     assert ev.max_samples is not None and ev.metrics is not None
     best, greater = _trainer_metric(ev.best_model_metric)
     target: list[str] | str | None = None
@@ -476,6 +489,7 @@ def _training(spec: FineTuneJobSpec) -> ResolvedTraining:
         learning_rate=hp.learning_rate,
         packing=hp.packing,
         block_size=hp.block_size,
+        group_by_length=hp.group_by_length,
         eval_batch_size=hp.eval_batch_size,
         eval_max_samples=ev.max_samples,
         metrics=list(ev.metrics),

@@ -282,6 +282,14 @@ class Hyperparameters(ApiModel):
         "support it (llama, mistral, mixtral, qwen2, qwen3, gemma, gpt_neox, gpt2; others fail with "
         "PackingUnsupported). Not for seq2seq or classification. Default: true for causal-lm, false otherwise.",
     )
+    group_by_length: bool | None = Field(
+        default=None,
+        description="Without packing, batches are padded to their longest sample: with groupByLength each batch "
+        "is drawn from samples of similar token length (shuffled within groups of 50 batches, a new order every "
+        "epoch from the seed), so far fewer padding tokens are computed; the loss and the evaluation are the same "
+        "(evaluation keeps the data's order). Not with packing (packed rows hold no padding). Default: true "
+        "without packing, false with it.",
+    )
     warmup_ratio: float = Field(default=0.0, ge=0, lt=1, description="Fraction of steps for warmup. Default: 0.")
     warmup_steps: int = Field(
         default=0, ge=0, description="Warmup steps (set this or warmupRatio, not both). Default: 0."

@@ -116,6 +116,7 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "hyperparameters.maxSeqLength": ({"hyperparameters.packing": False}, {"hyperparameters.maxSeqLength": 8}),
     "hyperparameters.blockSize": ({}, {"hyperparameters.blockSize": 8}),
     "hyperparameters.packing": (INSTRUCTION, {"hyperparameters.packing": True}),
+    "hyperparameters.groupByLength": (INSTRUCTION, {"hyperparameters.groupByLength": False}),
     "hyperparameters.warmupRatio": ({}, {"hyperparameters.warmupRatio": 0.1}),
     "hyperparameters.warmupSteps": ({}, {"hyperparameters.warmupSteps": 5}),
     "hyperparameters.weightDecay": ({}, {"hyperparameters.weightDecay": 0.01}),
@@ -390,3 +391,40 @@ def test_every_bad_placeholder_is_reported_and_plain_names_pass() -> None:
     assert sorted(p.message.split(" ")[1] for p in problems) == ["{a.b}", "{answer!s}", "{c[1]}"]
     fine = {"prompt": "{question} {{literal}} {_x1}", "response": "{answer}"}
     assert check_spec(FineTuneJobSpec.model_validate(_apply(BASE, {**INSTRUCTION, "dataset.template": fine}))) == []
+
+
+@pytest.mark.parametrize(
+    ("context", "expected"),
+    [
+        (INSTRUCTION, True),  # padded per batch: grouped by default
+        ({"task": "chat"}, True),
+        (CLASSIFICATION, True),
+        (SEQ2SEQ, True),
+        ({"hyperparameters.packing": False}, True),
+        ({}, False),  # causal-lm packs by default: no padding to save
+        ({**INSTRUCTION, "hyperparameters.packing": True}, False),
+        ({**INSTRUCTION, "hyperparameters.groupByLength": False}, False),
+        ({"hyperparameters.packing": True, "hyperparameters.groupByLength": False}, False),
+    ],
+)
+def test_group_by_length_defaults_to_on_without_packing(context: dict[str, Any], expected: bool) -> None:
+    job = resolve_spec(FineTuneJobSpec.model_validate(_apply(BASE, context)))
+    assert job.training.group_by_length is expected
+    assert job.spec.hyperparameters.group_by_length is expected  # written into the spec the trainer reads
+    args = training_arguments(job.spec, job.training, "fp32", Path("/tmp/out"), False)
+    assert args.train_sampling_strategy == ("group_by_length" if expected else "random")
+
+
+@pytest.mark.parametrize(
+    "context", [{}, {**INSTRUCTION, "hyperparameters.packing": True}, {"task": "chat", "hyperparameters.packing": True}]
+)
+def test_group_by_length_with_packing_is_refused(context: dict[str, Any]) -> None:
+    spec = FineTuneJobSpec.model_validate(_apply(BASE, {**context, "hyperparameters.groupByLength": True}))
+    problems = check_spec(spec)
+    assert [(p.reason, p.field) for p in problems] == [
+        ("UnsupportedCombination", "spec.hyperparameters.groupByLength")
+    ], problems
+    with pytest.raises(SpecError):
+        resolve_spec(spec)
+    result = validate_spec(_apply(BASE, {**context, "hyperparameters.groupByLength": True}), WALK_POLICY)
+    assert not result.ok and "groupByLength" in (result.message or "")

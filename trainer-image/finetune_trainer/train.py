@@ -27,6 +27,7 @@ from finetune_api.resolve import ResolvedTraining
 from finetune_api.spec import FineTuneJobSpec, MethodType, Optimizer, Task
 from finetune_api.status import FineTuneJob
 from finetune_trainer import evaluate, interrupt
+from finetune_trainer.batching import GROUP_BY_LENGTH, FineTuneTrainer
 from finetune_trainer.checkpoints import CheckpointUploader, checkpoint_uri, download_latest, remote_steps, step_of
 from finetune_trainer.config import UserError, architecture, resolve_job
 from finetune_trainer.data import DataError, PreparedData, make_collator, prepare_data
@@ -168,6 +169,8 @@ def training_arguments(
         num_train_epochs=hp.epochs,
         max_steps=hp.max_steps or -1,
         per_device_train_batch_size=hp.batch_size,
+        # Batches of similar lengths pad less (FineTuneTrainer keeps the order seeded and evaluation unchanged).
+        train_sampling_strategy=GROUP_BY_LENGTH if resolved.group_by_length else "random",
         per_device_eval_batch_size=resolved.eval_batch_size,
         gradient_accumulation_steps=hp.gradient_accumulation_steps,
         learning_rate=resolved.learning_rate,
@@ -451,7 +454,7 @@ def run(job: FineTuneJob, reporter: Reporter, workdir: Path) -> Outcome:
             compute_metrics = evaluate.trainer_compute_metrics(
                 len(data.label_names), ["accuracy", "precision", "recall", "f1"]
             )
-        trainer = Trainer(
+        trainer = FineTuneTrainer(
             model=model,
             args=args,
             train_dataset=data.train,
