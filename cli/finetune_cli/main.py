@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TextIO
 
 from finetune_api.status import Phase
-from finetune_cli import artifacts, local
+from finetune_cli import artifacts, local, plan
 from finetune_cli.kube import CliError, Kube, follow
 from finetune_cli.render import jobs_table, progress_line, render_log_line, status_text
 
@@ -181,6 +181,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     add("validate", "Check a FineTuneJob file as the operator would; prints every problem, or 'valid'.", [policy])
     p = add("run", "Validate a FineTuneJob file, then train it here, without Kubernetes.", [policy])
     p.add_argument("--workdir", help="Scratch directory. Default: the trainer's (~/finetune-run).")
+    p = add("plan", "Check a FineTuneJob's data and size it (memory per GPU, fixes, tokens, time) on this machine.", [])
+    plan.add_arguments(p)
     add("demo", "Run the main example end to end on a local cluster.", [])
     return parser
 
@@ -196,6 +198,7 @@ CLUSTER_COMMANDS: dict[str, Callable[[argparse.Namespace, Kube, TextIO], int]] =
 LOCAL_COMMANDS: dict[str, Callable[[argparse.Namespace, TextIO], int]] = {
     "validate": cmd_validate,
     "run": cmd_run,
+    "plan": plan.cmd_plan,
     "demo": cmd_demo,
 }
 

@@ -228,6 +228,8 @@ def render_report(report: Report) -> str:
         text = f"model uploaded to {report.uri}" + (f" (manifest {report.manifest})" if report.manifest else "")
         if report.metrics:
             text += f"\n           final: {_metrics_line(report.metrics)}"
+    elif kind == ReportKind.PLAN:  # the preflight's verdict
+        text = f"plan: {report.message or 'no estimate'}"
     else:  # ReportKind.ERROR
         text = f"ERROR {report.reason or 'TrainerError'}: {report.message or ''}"
     return f"{_clock(report)} {text}"

@@ -210,6 +210,8 @@ def test_demo_progress_line_shows_steps_loss_throughput_and_eta() -> None:
          "11:30:05 model uploaded to s3://b/o/ (manifest s3://b/o/manifest.json)\n           final: eval_loss 1.5"),
         (report(6, ReportKind.ERROR, reason="DataInvalid", message="column 'text' is missing"),
          "11:30:05 ERROR DataInvalid: column 'text' is missing"),
+        (report(7, ReportKind.PLAN, message="fits: 61.2 of 80 GiB per h100"),
+         "11:30:05 plan: fits: 61.2 of 80 GiB per h100"),
     ],
     ids=[k.value for k in ReportKind],
 )  # fmt: skip

@@ -16,11 +16,15 @@ import argparse
 import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from finetune_api.reports import EXIT_INTERRUPTED, EXIT_OK, EXIT_RETRYABLE, EXIT_USER_ERROR
 from finetune_trainer import interrupt
+
+if TYPE_CHECKING:
+    from finetune_trainer.reporting import Reporter
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -60,23 +64,41 @@ def _main(argv: list[str], args: argparse.Namespace) -> int:
     if should_launch_per_gpu():
         return launch_per_gpu(argv, workdir)
 
-    from finetune_trainer.config import UserError, load_job
-    from finetune_trainer.reporting import Reporter, write_termination_log
-    from finetune_trainer.storage import StorageUserError
+    from finetune_trainer.config import load_job
+    from finetune_trainer.reporting import Reporter
     from finetune_trainer.train import run
 
+    quiet_progress_bars()
+    main_process = is_main_process()
+    reporter = Reporter(enabled=main_process)
+    code = run_reported(reporter, lambda: run(load_job(args.config), reporter, workdir), main_process)
+    record_exit_code(code)
+    sys.stdout.flush()
+    if code == EXIT_USER_ERROR and main_process:
+        hold_after_user_error()
+    return code
+
+
+def quiet_progress_bars() -> None:
+    """Pod logs are for report lines and errors; download/map/save progress bars only add noise there."""
     if not sys.stdout.isatty():
-        # Pod logs are for report lines and errors; download/map/save progress bars only add noise there.
         import datasets
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         datasets.disable_progress_bars()
-    reporter = Reporter(enabled=is_main_process())
+
+
+def run_reported(reporter: Reporter, body: Callable[[], object], main_process: bool = True) -> int:
+    """Run ``body``; what it raises becomes the final ``error`` report (also the termination message) and the
+    exit code of the module doc. Shared by the trainer and the preflight planner."""
+    from finetune_trainer.config import UserError
+    from finetune_trainer.reporting import write_termination_log
+    from finetune_trainer.storage import StorageUserError
+
     code = EXIT_OK
     try:
-        job = load_job(args.config)
-        run(job, reporter, workdir)
+        body()
     except interrupt.Interrupted as exc:
         reporter.error("Interrupted", exc.message)
         code = EXIT_INTERRUPTED
@@ -93,12 +115,8 @@ def _main(argv: list[str], args: argparse.Namespace) -> int:
         traceback.print_exc()
         reporter.error("TrainerFailed", f"{type(exc).__name__}: {exc}"[:2000])
         code = EXIT_RETRYABLE
-    if code != EXIT_OK and is_main_process() and reporter.last_error is not None:
+    if code != EXIT_OK and main_process and reporter.last_error is not None:
         write_termination_log(reporter.last_error)
-    record_exit_code(code)
-    sys.stdout.flush()
-    if code == EXIT_USER_ERROR and is_main_process():
-        hold_after_user_error()
     return code
 
 

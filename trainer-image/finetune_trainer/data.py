@@ -29,7 +29,7 @@ import hashlib
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ __all__ = [
 ]
 
 IGNORE = -100
+_LENGTHS = "_lengths"  # the current split's sample lengths, while encoding (never left in the stats)
 
 # Used (and stored on the tokenizer, so the saved model and generation use the same format) when a tokenizer
 # has no chat template: "<|role|>\ncontent\n" per message, with the end-of-sequence token closing each assistant
@@ -79,6 +80,9 @@ class PreparedData:
     eval_examples: list[dict[str, Any]]  # raw validation examples for generation/classification metrics
     label_names: list[str] | None  # classification only, in id order
     stats: dict[str, Any]
+    # Token length of each training sample before truncation (and packing), in order; seq2seq: the longer of
+    # source and target. The preflight planner's length distribution.
+    train_lengths: list[int] = field(default_factory=list)
 
 
 def _packing(spec: FineTuneJobSpec) -> bool:
@@ -230,6 +234,11 @@ def _leading_specials(tokenizer: Any) -> list[int]:
     return lead
 
 
+def _record_lengths(stats: dict[str, Any], lengths: Sequence[int]) -> None:
+    """Each sample's length before truncation, for ``PreparedData.train_lengths`` (taken out of the stats)."""
+    stats.setdefault(_LENGTHS, []).extend(lengths)
+
+
 def _eos(tokenizer: Any) -> list[int]:
     return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
@@ -237,6 +246,7 @@ def _eos(tokenizer: Any) -> list[int]:
 def _causal(part: _Part, tok: Any, spec: FineTuneJobSpec, stats: dict[str, Any]) -> dict[str, list[Any]]:
     lead, eos = _leading_specials(tok), _eos(tok)
     seqs = [lead + ids + eos for ids in _encode(tok, [s["text"] for s in part.samples], add_special_tokens=False)]
+    _record_lengths(stats, [len(ids) for ids in seqs])
     hp = spec.hyperparameters
     if _packing(spec):
         block = _block_size(spec)
@@ -263,6 +273,7 @@ def _instruction(part: _Part, tok: Any, spec: FineTuneJobSpec, stats: dict[str, 
     out: dict[str, list[Any]] = {"input_ids": [], "labels": []}
     for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
         p, r = lead + p, r + eos
+        _record_lengths(stats, [len(p) + len(r)])
         if len(p) >= limit:
             raise DataError(
                 f"{part.table.where(i)}: the prompt alone is {len(p)} tokens and maxSeqLength is {limit}, so no "
@@ -311,6 +322,7 @@ def _chat(part: _Part, tok: Any, spec: FineTuneJobSpec, stats: dict[str, Any]) -
         encoded = _encode(tok, [text for text, _ in segments], add_special_tokens=False)
         ids = [t for seg in encoded for t in seg]
         labels = [t if learn else IGNORE for (_, learn), seg in zip(segments, encoded, strict=True) for t in seg]
+        _record_lengths(stats, [len(ids)])
         if len(ids) > limit:
             stats["truncated"] += 1
             ids, labels = ids[:limit], labels[:limit]
@@ -324,8 +336,12 @@ def _chat(part: _Part, tok: Any, spec: FineTuneJobSpec, stats: dict[str, Any]) -
     return out
 
 
-def _truncated(tok: Any, texts: list[str], limit: int, stats: dict[str, Any], target: bool = False) -> list[list[int]]:
+def _truncated(
+    tok: Any, texts: list[str], limit: int, stats: dict[str, Any], target: bool = False
+) -> tuple[list[list[int]], list[int]]:
+    """The texts tokenized and truncated to ``limit``, and their lengths before truncation."""
     full = _encode(tok, texts, target)
+    lengths = [len(ids) for ids in full]
     long = [i for i, ids in enumerate(full) if len(ids) > limit]
     stats["truncated"] += len(long)
     # Re-encode the long ones with the tokenizer's own truncation, which keeps closing special tokens (T5's </s>).
@@ -333,17 +349,20 @@ def _truncated(tok: Any, texts: list[str], limit: int, stats: dict[str, Any], ta
         long, _encode(tok, [texts[i] for i in long], target, truncation=True, max_length=limit), strict=True
     ):
         full[i] = ids
-    return full
+    return full, lengths
 
 
 def _seq2seq(part: _Part, tok: Any, spec: FineTuneJobSpec, stats: dict[str, Any]) -> dict[str, list[Any]]:
     limit = spec.hyperparameters.max_seq_length
-    sources = _truncated(tok, [s["prompt"] for s in part.samples], limit, stats)
-    return {"input_ids": sources, "labels": _truncated(tok, [s["response"] for s in part.samples], limit, stats, True)}
+    sources, source_lengths = _truncated(tok, [s["prompt"] for s in part.samples], limit, stats)
+    targets, target_lengths = _truncated(tok, [s["response"] for s in part.samples], limit, stats, True)
+    _record_lengths(stats, [max(s, t) for s, t in zip(source_lengths, target_lengths, strict=True)])
+    return {"input_ids": sources, "labels": targets}
 
 
 def _classification(part: _Part, tok: Any, spec: FineTuneJobSpec, stats: dict[str, Any]) -> dict[str, list[Any]]:
-    ids = _truncated(tok, [s["text"] for s in part.samples], spec.hyperparameters.max_seq_length, stats)
+    ids, lengths = _truncated(tok, [s["text"] for s in part.samples], spec.hyperparameters.max_seq_length, stats)
+    _record_lengths(stats, lengths)
     return {"input_ids": ids, "labels": [s["label"] for s in part.samples]}
 
 
@@ -433,11 +452,12 @@ def prepare_data(
     hashes = [stats["train_sha256"], stats.get("validation_sha256", "")]
     stats["dataset_sha256"] = hashlib.sha256("\n".join(hashes).encode()).hexdigest()
     encode = ENCODERS[task]
-    out = {}
+    out, lengths = {}, {}
     for role, part in (("train", train), ("eval", val)):
         if part is None:
             continue
         cols = encode(part, tokenizer, spec, stats)
+        lengths[role] = stats.pop(_LENGTHS, [])
         if _sample_packing(spec):
             stats[f"{role}_samples_packed"] = len(cols["input_ids"])
             cols = _pack_samples(cols, _block_size(spec), stats)
@@ -454,4 +474,4 @@ def prepare_data(
         counts = Counter(s["label"] for s in train.samples)
         stats["train_label_counts"] = {label_names[k]: v for k, v in sorted(counts.items())}
     examples = [e for s in (val.samples if val else []) if (e := _eval_example(s, task)) is not None]
-    return PreparedData(out["train"], out.get("eval"), examples, label_names, stats)
+    return PreparedData(out["train"], out.get("eval"), examples, label_names, stats, lengths["train"])

@@ -33,11 +33,12 @@ from finetune_trainer.config import UserError, architecture, resolve_job
 from finetune_trainer.data import DataError, PreparedData, make_collator, prepare_data
 from finetune_trainer.distributed import deepspeed_config, ensure_single_process_env, is_main_process
 from finetune_trainer.distributed import resolve_precision as _precision
+from finetune_trainer.inputs import fetch
 from finetune_trainer.modeling import apply_method, load_base_model, load_tokenizer, model_type_of, parameter_counts
 from finetune_trainer.progress import ProgressCallback, StopOnSignal
 from finetune_trainer.report import flops_estimate, memory_estimate, peak_memory, write_report
 from finetune_trainer.reporting import Reporter, clean_metrics, write_termination_log
-from finetune_trainer.storage import FileRecord, Storage, StorageNotFound, StorageUserError, join_uri, storage_for
+from finetune_trainer.storage import FileRecord, Storage, join_uri, storage_for
 
 OPTIMIZERS = {
     Optimizer.ADAMW: "adamw_torch",
@@ -107,14 +108,7 @@ def fetch_inputs(storage: Storage, spec: FineTuneJobSpec, cache: Path) -> Inputs
     """Local copies of the model, tokenizer and data (cached across attempts on the same node)."""
 
     def get(uri: str, what: str, reason: str) -> Path:
-        if uri.startswith("hf://"):
-            return _hub_download(uri[len("hf://") :], cache)
-        try:
-            return storage.cached_download(uri, cache)
-        except StorageUserError as exc:  # unreachable store, access denied, no such bucket: name the field
-            raise UserError(exc.reason, f"{what}: {exc}") from None
-        except StorageNotFound as exc:
-            raise UserError(reason, f"{what} {uri} not found: {exc}") from None
+        return fetch(storage, uri, what, reason, cache)
 
     model = get(spec.model.uri, "model.uri", "ModelNotFound")
     tokenizer = (
@@ -125,21 +119,6 @@ def fetch_inputs(storage: Storage, spec: FineTuneJobSpec, cache: Path) -> Inputs
     if not model.is_dir():
         raise UserError("ModelNotFound", f"model.uri {spec.model.uri} must be a directory (prefix), not a file")
     return Inputs(model, tokenizer, train, val)
-
-
-def _hub_download(repo: str, cache: Path) -> Path:
-    """hf://org/name, for clusters that can reach a hub. Only safetensors/config/tokenizer files, no code."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        path = snapshot_download(
-            repo,
-            cache_dir=str(cache / "hub"),
-            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"],
-        )
-    except Exception as exc:  # offline, unknown repo, gated: the user must fix the URI or the cluster
-        raise UserError("ModelNotFound", f"cannot fetch hf://{repo}: {type(exc).__name__}: {exc}") from None
-    return Path(path)
 
 
 def training_arguments(
