@@ -267,7 +267,6 @@ def ours_trainer(s: Setup, out: Path) -> Trainer:
     model = load_base_model(spec, s.model_dir, data.label_names, tok.pad_token_id)
     model = apply_method(model, spec, architecture(spec, resolved, model_type_of(s.model_dir)), False)
     args = training_arguments(spec, resolved, "fp32", out, has_eval=False)
-    args.include_num_input_tokens_seen = "non_padding"  # already the trainer's setting; stated for the reader
     return FineTuneTrainer(
         model=model,
         args=args,
@@ -290,6 +289,13 @@ VARIANTS: dict[str, Callable[[Setup, Path], Trainer]] = {
 }
 
 
+def real_tokens(ds: datasets.Dataset) -> int:
+    """Non-padding tokens of a dataset: its attention masks, or (packed rows, no padding) its lengths."""
+    if "attention_mask" in ds.column_names:
+        return sum(sum(mask) for mask in ds["attention_mask"])
+    return sum(len(ids) for ids in ds["input_ids"])
+
+
 def run_variant(name: str, build: Callable[[Setup, Path], Trainer], s: Setup, run: int) -> Result:
     torch.manual_seed(SEED)
     trainer = build(s, s.work / f"out-{run}")
@@ -300,10 +306,14 @@ def run_variant(name: str, build: Callable[[Setup, Path], Trainer], s: Setup, ru
     seconds = clock.last_step_end - start
     padded = sum(int(b["input_ids"].numel()) for b in trainer.get_train_dataloader())  # the same epoch-0 order
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    seen = int(trainer.state.num_input_tokens_seen)
+    assert isinstance(trainer.train_dataset, datasets.Dataset)
+    if seen != real_tokens(trainer.train_dataset):  # one epoch: every real token exactly once
+        raise RuntimeError(f"{name}: trained {seen} real tokens, the data holds {real_tokens(trainer.train_dataset)}")
     return Result(
         name,
         seconds,
-        int(trainer.state.num_input_tokens_seen),
+        seen,
         padded,
         trainer.state.global_step,
         losses[0],
