@@ -25,7 +25,7 @@ import yaml
 from finetune_api.reports import Report, ReportKind, parse_reports
 from finetune_trainer.inputs import is_model_file
 from finetune_trainer.tiny_models import build_model
-from tests.trainer.test_train import MEDICAL_QA, Env, Run
+from tests.trainer.test_train import MEDICAL_QA, Env, Run, _sigterm_when, assert_interrupted
 
 PEAK_RSS_LIMIT_MIB = 1200  # the operator runs the preflight in a small CPU pod (2 GiB)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -48,9 +48,16 @@ LLAMA_7B = {
 LLAMA_7B_PARAMETERS = 6_738_415_616
 
 
+class PreflightEnv(Env):
+    """The trainer tests' harness, running the preflight instead of the trainer."""
+
+    def command(self, config: Path, workdir: str = "wd") -> list[str]:
+        return [sys.executable, "-m", "finetune_trainer.preflight", "--config", str(config), "--workdir", workdir]
+
+
 @pytest.fixture
 def env(s3_server: Any, tmp_path: Path) -> Env:
-    return Env(s3_server, tmp_path)
+    return PreflightEnv(s3_server, tmp_path)
 
 
 def _qa_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
@@ -219,6 +226,39 @@ def test_bad_template_labels_and_missing_data_are_user_errors(env: Env, capsys: 
     spec = {"model": {"uri": model}, "task": "causal-lm", "dataset": {"train": f"s3://{env.bucket}/nope.txt"}}
     run = _in_process(env, spec, capsys, monkeypatch)
     _assert_user_error(run, "DataNotFound", "dataset.train", "nope.txt")
+
+
+def test_sigterm_exits_at_once_with_the_interrupted_code(env: Env) -> None:
+    corpus = [f"{q} {a}" for q, a in MEDICAL_QA] * 20
+    spec = {
+        "model": {"uri": env.model("llama", corpus)},
+        "task": "instruction",
+        "dataset": {
+            "train": env.data("qa.jsonl", _qa_rows(5000)),
+            "template": {"prompt": PROMPT, "response": "{answer}"},
+        },
+    }
+    stopped = _sigterm_when(env, env.job(spec), str(env.tmp / "wd"), lambda r: r.kind == ReportKind.STAGE)
+    assert_interrupted(stopped)
+    assert not stopped.run.of(ReportKind.PLAN)
+    assert stopped.seconds_to_exit < 10, stopped.seconds_to_exit
+
+
+def test_gpu_target_defaults() -> None:
+    from finetune_api.spec import FineTuneJobSpec
+    from finetune_trainer.preflight import target
+
+    def spec(**resources: Any) -> FineTuneJobSpec:
+        raw = {"model": {"uri": "s3://b/m"}, "task": "causal-lm", "dataset": {"train": "s3://b/d.txt"}}
+        raw["output"] = {"uri": "s3://b/o"}
+        return FineTuneJobSpec.model_validate({**raw, "resources": resources})
+
+    assert target(spec()) == ("cpu", 0)
+    assert target(spec(gpus=2)) == ("h100", 2)
+    assert target(spec(gpus=2, gpuType="l4")) == ("l4", 2)
+    assert target(spec(gpus=2, gpuType="l4"), "a100-80gb") == ("a100-80gb", 2)
+    assert target(spec(), "h200") == ("h200", 1)  # a GPU type alone means one GPU of it
+    assert target(spec(gpus=4), None, 0) == ("cpu", 0)
 
 
 def _big_model(env: Env) -> str:
