@@ -127,6 +127,9 @@ def test_the_grouped_order_is_a_function_of_seed_and_epoch(files: dict[str, Path
     sampler.set_epoch(1)
     assert sorted(sampler) == sorted(order[0]) and list(sampler) != order[0]  # a new shuffle each epoch
     assert list(_trainer(files, True, seed=7)._get_train_sampler()) != order[0]  # type: ignore[arg-type]
+    # Grouped per optimizer step: 4 samples x 2 accumulation steps train the same samples per step as 8 x 1.
+    accumulated = _trainer(files, True, batchSize=4, gradientAccumulationSteps=2)._get_train_sampler()
+    assert list(accumulated) == order[0]  # type: ignore[arg-type]
 
 
 def test_evaluation_is_the_same_with_and_without_grouping(files: dict[str, Path]) -> None:
@@ -157,7 +160,7 @@ def test_a_run_resumed_mid_epoch_trains_on_exactly_the_remaining_batches(files: 
     resumed.train(resume_from_checkpoint=str(files["out"] / "whole" / "checkpoint-6"))
 
     def losses(t: FineTuneTrainer) -> dict[int, float]:
-        return {e["step"]: e["loss"] for e in t.state.log_history if "loss" in e and e["step"] > 6}
+        return {int(e["step"]): e["loss"] for e in t.state.log_history if "loss" in e and e["step"] > 6}
 
     assert sorted(losses(resumed)) == list(range(7, 13))
     # Another order would change these by far more than CPU summation order does.

@@ -8,6 +8,9 @@ cut into megabatches of 50 batches, and each megabatch is sorted by length (tran
 
 * the order is a pure function of the data seed and the epoch (like accelerate's seedable random sampler), so
   every rank draws the same order and a run resumed mid-epoch skips exactly the batches it already trained on;
+* samples are grouped per global batch (per-device batch x gradient accumulation x processes), not per device,
+  so an optimizer step trains the same samples on one process or several (accelerate hands each process a
+  contiguous share of the order);
 * evaluation keeps the data's order (transformers would group it too, which changes ``eval_loss``, a mean of
   per-batch means), so evaluation results do not depend on this setting.
 
@@ -66,7 +69,7 @@ class FineTuneTrainer(Trainer):
         if self.args.train_sampling_strategy != GROUP_BY_LENGTH or dataset is None:
             return super()._get_train_sampler(train_dataset)
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        group = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        group = self.args.train_batch_size * self.args.gradient_accumulation_steps * max(1, self.args.world_size)
         return SeededLengthGroupedSampler(token_lengths(dataset), group, seed)
 
     def _get_eval_sampler(self, eval_dataset: Any) -> Sampler[int] | None:
