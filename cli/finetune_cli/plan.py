@@ -52,7 +52,7 @@ def plan_text(result: Preflight) -> str:
     if est is not None:
         share = 100 * est.trainable_parameters / est.parameters if est.parameters else 0.0
         lines[0] += (
-            f", {_count(est.parameters)} parameters, {_count(est.trainable_parameters)} trainable ({share:.2g}%)"
+            f", {_count(est.parameters)} parameters, {_count(est.trainable_parameters)} trainable ({share:.3g}%)"
         )
         lines += _memory_lines(est)
     lines += _data_lines(result.data)
@@ -70,7 +70,7 @@ def _memory_lines(est: Estimate) -> list[str]:
     verdict = "fits" if est.fits else "DOES NOT FIT"
     lines = [
         f"Hardware       {hardware}, {_gib(est.gpu_memory_gib)} each",
-        "Memory per GPU",
+        "Memory per GPU" if est.gpus else "Memory (CPU job)",
         f"  weights      {_gib(mem.weights_gib):>10}",
         f"  gradients    {_gib(mem.gradients_gib):>10}",
         f"  optimizer    {_gib(mem.optimizer_gib):>10}",
