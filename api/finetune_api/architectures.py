@@ -464,42 +464,27 @@ def classifier_head(model_type: str, hidden: int, labels: int) -> int:
     return h * labels  # score, no bias
 
 
-# Dropout of the transformers config classes when config.json leaves it out (the planner counts its masks).
-DEFAULT_DROPOUT: dict[str, float] = {"gpt2": 0.1, "t5": 0.1, "bert": 0.1, "roberta": 0.1, "distilbert": 0.1}
-
-
-@dataclass(frozen=True)
-class Activations:
-    """Elements autograd saves per token per transformer block, by what they scale with (see finetune_api.plan):
-    ``h`` x hidden, ``kv`` x (kv heads x head dim), ``inter`` x intermediate size, in the activation dtype;
-    ``stats`` fp32 values (norm statistics) and ``heads_fp32`` x heads (attention log-sum-exp); 1-byte dropout
-    masks ``mask_h`` x hidden and ``mask_inter`` x intermediate when dropout is on; ``eager`` attention saves
-    ``scores`` x heads x sequence elements (scores, probabilities); a decoder block with cross-attention costs
-    ``cross`` blocks' worth more."""
-
-    h: float
-    kv: float = 0.0
-    inter: float = 0.0
-    stats: float = 0.0
-    heads_fp32: float = 0.0
-    mask_h: float = 0.0
-    mask_inter: float = 0.0
-    eager: bool = False
-    scores: float = 0.0
-    cross: float = 0.0
-
-
-_LLAMA_ACTS = Activations(h=9, kv=2, inter=4, stats=2, heads_fp32=1)
-ACTIVATIONS: dict[str, Activations] = {
-    "llama": _LLAMA_ACTS,
-    "mistral": _LLAMA_ACTS,
-    "qwen2": _LLAMA_ACTS,
-    "qwen3": _LLAMA_ACTS,
-    "gpt2": Activations(h=9, inter=2, stats=4, heads_fp32=1, mask_h=2),
-    "gpt_neox": Activations(h=9, inter=2, stats=4, heads_fp32=1),
-    "bloom": Activations(h=9, inter=2, stats=4, eager=True, scores=2),
-    "t5": Activations(h=9, inter=2, stats=2, mask_h=3, mask_inter=1, eager=True, scores=2, cross=0.5),
-    "bert": Activations(h=9, inter=2, stats=4, heads_fp32=1, mask_h=2),
-    "roberta": Activations(h=9, inter=2, stats=4, heads_fp32=1, mask_h=2),
-    "distilbert": Activations(h=9, inter=2, stats=4, heads_fp32=1, mask_h=2),
+# Dropout probabilities by config key, with the transformers config class's default: (hidden, attention).
+DROPOUT_KEYS: dict[str, tuple[tuple[str, float], tuple[str, float]]] = {
+    "gpt2": (("resid_pdrop", 0.1), ("attn_pdrop", 0.1)),
+    "bloom": (("hidden_dropout", 0.0), ("attention_dropout", 0.0)),
+    "gpt_neox": (("hidden_dropout", 0.0), ("attention_dropout", 0.0)),
+    "llama": (("hidden_dropout", 0.0), ("attention_dropout", 0.0)),
+    "mistral": (("hidden_dropout", 0.0), ("attention_dropout", 0.0)),
+    "qwen2": (("hidden_dropout", 0.0), ("attention_dropout", 0.0)),
+    "qwen3": (("hidden_dropout", 0.0), ("attention_dropout", 0.0)),
+    "t5": (("dropout_rate", 0.1), ("dropout_rate", 0.1)),
+    "bert": (("hidden_dropout_prob", 0.1), ("attention_probs_dropout_prob", 0.1)),
+    "roberta": (("hidden_dropout_prob", 0.1), ("attention_probs_dropout_prob", 0.1)),
+    "distilbert": (("dropout", 0.1), ("attention_dropout", 0.1)),
 }
+
+
+def dropouts(config: dict[str, Any]) -> tuple[float, float]:
+    """(hidden, attention) dropout probabilities of the model ``config`` describes."""
+    (hk, hd), (ak, ad) = DROPOUT_KEYS.get(str(config.get("model_type")), (("", 0.0), ("", 0.0)))
+    hidden, attention = config.get(hk, hd), config.get(ak, ad)
+    return (
+        float(hidden) if isinstance(hidden, int | float) else hd,
+        float(attention) if isinstance(attention, int | float) else ad,
+    )

@@ -6,25 +6,24 @@ no weights), the GPU type and count, and optionally the dataset's statistics (th
 Memory per GPU (bytes; P parameters of the model as trained, T of them trainable, n GPUs, ``e`` = bytes of an
 activation element: 2 in bf16/fp16, 4 in fp32):
 
-* Weights. The trainer loads weights in fp32 and autocasts (HF Trainer mixed precision): 4P, plus 2T for the
-  16-bit copies autocast keeps of trainable weights during forward and backward. qlora: 0.5 bytes per weight of
+* Weights. The trainer loads weights in fp32 and autocasts (HF Trainer mixed precision): 4P, plus 2 bytes per
+  weight used in a matrix multiply (the linears, the LM head, the adapters) for the 16-bit copies autocast makes
+  and the backward pass keeps (trainable weights: autocast's cache; frozen ones: saved to compute the input's
+  gradient). qlora: 0.5 bytes per weight of
   the quantised block linears plus their quantisation constants (blocks of 64: one fp32 absmax per block, or
   with doubleQuant an 8-bit absmax plus one fp32 constant per 256 blocks), the rest (embeddings, norms, head)
-  upcast to fp32 by peft's prepare_model_for_kbit_training, the adapters fp32. DeepSpeed in bf16/fp16 casts the
+  upcast to fp32 by peft's prepare_model_for_kbit_training, the adapters fp32 (bitsandbytes keeps the 4-bit
+  weights for the backward pass, so only the head and adapters get 16-bit copies). DeepSpeed in bf16/fp16 casts the
   model to 16 bits: 2P (ZeRO-3: 2P/n, offloadParams: 0).
 * Gradients: 4T (DeepSpeed 16-bit: 2T; ZeRO-2/3: /n). Plain multi-GPU DDP keeps a second copy in its buckets.
 * Optimizer states per trainable parameter: adamw 8 bytes (two fp32 moments), adamw-8bit 2, sgd 0 (no
   momentum), adafactor 4 x (rows + cols) per matrix (factored second moment) and 4 per vector. DeepSpeed in
   16-bit adds the fp32 master copy (4T). ZeRO-1/2/3 divide by n; offloadOptimizer moves them to host memory.
 * Activations: the tensors autograd saves during one forward of a full batch (batchSize x maxSeqLength tokens,
-  blockSize with packing), counted per transformer block from the modules the HF implementations run. This is
-  Korthikanti et al. (2022, "Reducing Activation Recomputation") per-layer accounting, ``sbh(34 + 5as/h)``
-  bytes for GPT-3 in 16 bits, redone for each architecture family (see ``_block_activations``): per token per
-  block, c_h x h + c_kv x (kv heads x head dim) + c_i x intermediate elements of e bytes, plus fp32 norm
-  statistics, 1-byte dropout masks where dropout is on, and, for attention that materialises the scores (eager
-  T5, BLOOM), heads x s elements per token for the scores and the probabilities. Plus the loss head: the fp32
-  log-softmax over the vocabulary per target token. Gradient checkpointing keeps only each block's input
-  (h elements per token per block) plus one block's activations being recomputed.
+  blockSize with packing): Korthikanti et al.'s per-layer accounting redone tensor by tensor for each
+  architecture family as the Hugging Face implementations run it (``finetune_api.activations`` states the
+  rules), plus the fp32 log-softmax over the vocabulary per target token. Gradient checkpointing keeps each
+  block's input plus one block being recomputed.
 * Overhead: 1 GiB per GPU for the CUDA context, cuBLAS workspaces and allocator slack, plus 5% of the rest for
   fragmentation (CPU jobs: 1 GiB for the interpreter and libraries). Not measured on CPU; stated.
 
@@ -43,6 +42,7 @@ from typing import Any
 
 from pydantic import Field
 
+from finetune_api import activations as acts
 from finetune_api import architectures as archs
 from finetune_api.spec import ApiModel, DeepSpeedSpec, FineTuneJobSpec, MethodType, Optimizer, Precision, Task
 
@@ -127,9 +127,8 @@ class ModelShape(ApiModel):
     lm_head_parameters: int = 0
     cross_attention_layers: int = 0
     dropout: float = 0.0
-
-
-_DROPOUT_KEYS = ("resid_pdrop", "hidden_dropout", "hidden_dropout_prob", "dropout_rate", "dropout")
+    attention_dropout: float = 0.0
+    gated_mlp: bool = False
 
 
 def model_shape(config: dict[str, Any]) -> ModelShape:
@@ -138,9 +137,7 @@ def model_shape(config: dict[str, Any]) -> ModelShape:
         lay = archs.layout(config)
     except archs.ArchitectureError as exc:
         raise PlanError(str(exc)) from None
-    dropout = next((float(config[k]) for k in _DROPOUT_KEYS if isinstance(config.get(k), int | float)), None)
-    if dropout is None:
-        dropout = archs.DEFAULT_DROPOUT.get(lay.model_type, 0.0)
+    dropout, attention_dropout = archs.dropouts(config)
     return ModelShape(
         model_type=lay.model_type,
         parameters=lay.parameters,
@@ -162,6 +159,8 @@ def model_shape(config: dict[str, Any]) -> ModelShape:
         lm_head_parameters=lay.lm_head,
         cross_attention_layers=lay.cross_attention_layers,
         dropout=dropout,
+        attention_dropout=attention_dropout,
+        gated_mlp=lay.model_type == "t5" and str(config.get("feed_forward_proj", "relu")).startswith("gated-"),
     )
 
 
@@ -290,31 +289,34 @@ def _quantised_bytes(spec: FineTuneJobSpec, shape: ModelShape) -> tuple[float, i
     return 0.5 * q + consts, q
 
 
-def _block_activations(shape: ModelShape, tokens: int, seq: int, e: int) -> float:
-    """Bytes autograd saves in the transformer blocks for ``tokens`` tokens of sequences of ``seq``."""
-    c = archs.ACTIVATIONS.get(shape.model_type, archs.ACTIVATIONS["llama"])
-    h, inter, kv = shape.hidden_size, shape.intermediate_size, shape.kv_heads * shape.head_dim
-    per_token = e * (c.h * h + c.kv * kv + c.inter * inter) + 4 * c.stats + 4 * c.heads_fp32 * shape.heads
-    if shape.dropout > 0:
-        per_token += c.mask_h * h + c.mask_inter * inter
-    if c.eager:
-        per_token += shape.heads * seq * (e * c.scores + (1 if shape.dropout > 0 else 0))
-    layers = shape.layers + shape.cross_attention_layers * c.cross
-    return tokens * per_token * layers
-
-
-def activation_bytes(spec: FineTuneJobSpec, shape: ModelShape, seq: int, e: int) -> float:
-    """Saved-for-backward bytes of one full batch; see the module docstring."""
+def activation_bytes(spec: FineTuneJobSpec, shape: ModelShape, gpus: int, mixed: bool) -> float:
+    """Saved-for-backward bytes of one full batch (``finetune_api.activations``)."""
     hp = spec.hyperparameters
-    tokens = hp.batch_size * seq
-    blocks = _block_activations(shape, tokens, seq, e)
-    if hp.gradient_checkpointing:
-        one = blocks / max(shape.layers, 1)
-        blocks = tokens * shape.hidden_size * 4 * shape.layers + one
-    embed = tokens * shape.hidden_size * (4 + (1 if shape.dropout > 0 else 0))
-    # The loss head: the fp32 log-softmax of the logits over the vocabulary (classification: a few labels).
-    head = 0.0 if spec.task == Task.CLASSIFICATION else tokens * shape.vocab_size * 4.0
-    return blocks + embed + head
+    seq = sequence_length(spec)
+    full = spec.method.type == MethodType.FULL
+    targets = None if full else lora_targets(spec, shape.model_type)
+    ctx = acts.Context(
+        hidden=shape.hidden_size,
+        inter=shape.intermediate_size,
+        heads=shape.heads,
+        vocab=shape.vocab_size,
+        seq=seq,
+        tokens=hp.batch_size * seq,
+        full=full,
+        targets=None if targets is None or targets == "all-linear" else frozenset(targets),
+        rank=spec.method.rank,
+        lora_dropout=spec.method.dropout,
+        hidden_dropout=shape.dropout,
+        attention_dropout=shape.attention_dropout,
+        gpu=gpus > 0,
+        e=2 if mixed else 4,
+        autocast=mixed and (spec.deepspeed is None or spec.method.type == MethodType.QLORA),
+        lm_loss=spec.task != Task.CLASSIFICATION,
+        gated_mlp=shape.gated_mlp,
+    )
+    return acts.activation_bytes(
+        shape.model_type, ctx, shape.layers, shape.cross_attention_layers, hp.gradient_checkpointing
+    )
 
 
 def sequence_length(spec: FineTuneJobSpec) -> int:
@@ -322,10 +324,11 @@ def sequence_length(spec: FineTuneJobSpec) -> int:
     return (hp.block_size or hp.max_seq_length) if hp.packing else hp.max_seq_length
 
 
-def memory(
+def memory_bytes(
     spec: FineTuneJobSpec, shape: ModelShape, gpu: GpuType, gpus: int, data: DataStats | None = None
-) -> MemoryBreakdown:
-    """Memory per GPU; the formulas are in the module docstring."""
+) -> dict[str, float]:
+    """Bytes per GPU by component (weights, gradients, optimizer, activations, overhead, total); the formulas
+    are in the module docstring."""
     total, trainable = parameter_counts(spec, shape, data)
     precision = resolved_precision(spec, gpu, gpus)
     mixed = precision != "fp32"
@@ -333,37 +336,54 @@ def memory(
     ds: DeepSpeedSpec | None = spec.deepspeed if gpus > 0 else None
     n = max(gpus, 1)
     stage = ds.stage if ds else 0
+    head = shape.vocab_size * shape.hidden_size if spec.task != Task.CLASSIFICATION else 0
+    lora = 0 if method == MethodType.FULL else trainable
     if method == MethodType.QLORA:
         qbytes, qcount = _quantised_bytes(spec, shape)
-        weights = qbytes + 4.0 * (total - trainable - qcount) + 4.0 * trainable + (2.0 * trainable if mixed else 0)
+        weights = qbytes + 4.0 * (total - trainable - qcount) + 4.0 * trainable
+        copies = head + lora  # bitsandbytes saves the 4-bit weights themselves for the backward pass
     elif ds and mixed:
         weights = 2.0 * total / (n if stage == 3 else 1)
-        if ds.offload_params:
-            weights = 0.0
+        copies = 0
     else:
-        weights = 4.0 * total / (n if ds and stage == 3 else 1) + (2.0 * trainable if mixed and not ds else 0)
-        if ds and ds.offload_params:
-            weights = 0.0
-    grad_bytes = 2.0 if ds and mixed else 4.0
-    grads = grad_bytes * trainable / (n if stage >= 2 else 1)
+        weights = 4.0 * total / (n if ds and stage == 3 else 1)
+        copies = sum(x.fan_in * x.fan_out * x.count for x in shape.linears) + head + lora
+    if mixed and (not ds or method == MethodType.QLORA):
+        # Autocast's 16-bit copies of the fp32 weights each matmul uses, kept for the backward pass.
+        weights += 2.0 * copies
+    if ds and ds.offload_params:
+        weights = 0.0
+    grads = (2.0 if ds and mixed else 4.0) * trainable / (n if stage >= 2 else 1)
     if not ds and gpus > 1:
         grads *= 2  # DDP's gradient buckets
     opt = _optimizer_bytes(spec, shape, trainable) + (4.0 * trainable if ds and mixed else 0.0)
     opt /= n if stage >= 1 else 1
     if ds and ds.offload_optimizer:
         opt = 0.0
-    e = 2 if mixed else 4
-    acts = activation_bytes(spec, shape, sequence_length(spec), e)
-    base = weights + grads + opt + acts
+    activations = activation_bytes(spec, shape, gpus, mixed)
+    base = weights + grads + opt + activations
     overhead = (GPU_OVERHEAD_GIB * GIB + FRAGMENTATION * base) if gpus > 0 else CPU_OVERHEAD_GIB * GIB
-    return MemoryBreakdown(
-        weights_gib=_gib(weights),
-        gradients_gib=_gib(grads),
-        optimizer_gib=_gib(opt),
-        activations_gib=_gib(acts),
-        overhead_gib=_gib(overhead),
-        total_gib=_gib(base + overhead),
-    )
+    return {
+        "weights": weights,
+        "gradients": grads,
+        "optimizer": opt,
+        "activations": activations,
+        "overhead": overhead,
+        "total": base + overhead,
+    }
+
+
+def memory(
+    spec: FineTuneJobSpec, shape: ModelShape, gpu: GpuType, gpus: int, data: DataStats | None = None
+) -> MemoryBreakdown:
+    """Memory per GPU in GiB (:func:`memory_bytes`)."""
+    b = memory_bytes(spec, shape, gpu, gpus, data)
+    return MemoryBreakdown(**{f"{key}_gib": _gib(value) for key, value in b.items()})
+
+
+def _sig(x: float) -> float:
+    """Four significant digits: enough for a plan, short in JSON."""
+    return float(f"{x:.4g}")
 
 
 def _gib(b: float) -> float:
@@ -434,12 +454,6 @@ def _quantity_gib(value: str | int | None) -> float | None:
     return float(m.group(1)) * _UNITS[m.group(2) or ""] / GIB
 
 
-def _sized(
-    spec: FineTuneJobSpec, shape: ModelShape, gpu: GpuType, gpus: int, data: DataStats | None
-) -> MemoryBreakdown:
-    return memory(spec, shape, gpu, gpus, data)
-
-
 def _with(spec: FineTuneJobSpec, changes: dict[str, Any]) -> FineTuneJobSpec:
     """A copy of ``spec`` with dotted snake_case fields changed (e.g. {"method.type": "lora"})."""
     data = spec.model_dump()
@@ -454,77 +468,108 @@ def _with(spec: FineTuneJobSpec, changes: dict[str, Any]) -> FineTuneJobSpec:
     return FineTuneJobSpec.model_validate(data)
 
 
-# (spec changes in snake_case, how the tenant writes them); cheapest first (module docstring of `fixes`).
-def _candidates(spec: FineTuneJobSpec, gpus: int) -> list[tuple[dict[str, Any], str]]:
-    method = MethodType(spec.method.type)
-    hp = spec.hyperparameters
-    gc: tuple[dict[str, Any], str] = (
-        {"hyperparameters.gradient_checkpointing": True},
-        "hyperparameters.gradientCheckpointing: true",
-    )
-    out: list[tuple[dict[str, Any], str]] = []
-    methods: list[tuple[dict[str, Any], str]] = []
+Change = tuple[dict[str, Any], str]  # spec changes (snake_case paths), and how the tenant writes them
+MAX_FIXES = 3
+_ZERO3: dict[str, Any] = {"deepspeed": {"stage": 3, "offload_optimizer": False, "offload_params": False}}
+
+
+def _levers(spec: FineTuneJobSpec, gpus: int) -> list[list[Change]]:
+    """The memory levers that apply, alone and combined with gradient checkpointing, in the order they are
+    preferred: switching to adapters keeps the GPUs and nearly halves the compute; ZeRO-3 shards what the GPUs
+    already hold; gradient checkpointing costs a third more compute; more GPUs cost money; a smaller batch or
+    shorter sequences change the training itself."""
+    method, hp = MethodType(spec.method.type), spec.hyperparameters
+    lora: Change = ({"method.type": "lora"}, "method.type: lora")
+    qlora: Change = ({"method.type": "qlora", "deepspeed": None}, "method.type: qlora")
+    zero3: Change = (_ZERO3, "deepspeed.stage: 3")
+    ckpt: Change = ({"hyperparameters.gradient_checkpointing": True}, "hyperparameters.gradientCheckpointing: true")
+    singles: list[Change] = []
     if method == MethodType.FULL:
-        methods.append(({"method.type": "lora"}, "method.type: lora"))
+        singles.append(lora)
     if method != MethodType.QLORA and gpus > 0:
-        methods.append(({"method.type": "qlora", "deepspeed": None}, "method.type: qlora"))
-    out += methods
-    if not hp.gradient_checkpointing:
-        out += [({**m, **gc[0]}, f"{label}, {gc[1]}") for m, label in methods]
-    stage3 = ({"deepspeed": {"stage": 3, "offload_optimizer": False, "offload_params": False}}, "deepspeed.stage: 3")
+        singles.append(qlora)
     if gpus > 1 and method != MethodType.QLORA and (spec.deepspeed is None or spec.deepspeed.stage < 3):
-        out.append(stage3)
+        singles.append(zero3)
+    bases: list[list[Change]] = [[]] + [[c] for c in singles]
     if not hp.gradient_checkpointing:
-        out.append(gc)
-    if gpus > 0 and method != MethodType.QLORA:
+        bases += [[ckpt]] + [[c, ckpt] for c in singles]
+    return bases
+
+
+def _search(spec: FineTuneJobSpec, base: list[Change], gpus: int) -> list[tuple[str, list[Change], int]]:
+    """Candidates built on ``base`` (lever kind, changes, GPUs): as it is, with more GPUs (ZeRO-3), a smaller
+    batch, shorter sequences; the mildest setting of each lever first."""
+    out: list[tuple[str, list[Change], int]] = [("alone", base, gpus)] if base else []
+    hp = spec.hyperparameters
+    qlora = spec.method.type == MethodType.QLORA or any(c[0].get("method.type") == "qlora" for c in base)
+    if gpus > 0 and not qlora and not any(c[0] is _ZERO3 for c in base):
         for more in (2, 4, 8, 16, 32, 64):
             if more > gpus:
-                out.append(({**stage3[0], "resources.gpus": more}, f"resources.gpus: {more}, deepspeed.stage: 3"))
-    base = gc if not hp.gradient_checkpointing else ({}, "")
+                wider: Change = ({**_ZERO3, "resources.gpus": more}, f"resources.gpus: {more}, deepspeed.stage: 3")
+                out.append(("gpus", [*base, wider], more))
     b = hp.batch_size
     while b > 1:
         b //= 2
         ga = hp.gradient_accumulation_steps * hp.batch_size // b
+        batch: dict[str, Any] = {"hyperparameters.batch_size": b, "hyperparameters.gradient_accumulation_steps": ga}
         out.append(
-            (
-                {**base[0], "hyperparameters.batch_size": b, "hyperparameters.gradient_accumulation_steps": ga},
-                ", ".join(
-                    x for x in (base[1], f"hyperparameters.batchSize: {b}, gradientAccumulationSteps: {ga}") if x
-                ),
-            )
+            ("batch", [*base, (batch, f"hyperparameters.batchSize: {b}, gradientAccumulationSteps: {ga}")], gpus)
         )
     seq = hp.max_seq_length
-    while seq > 256:
+    while seq > 128:
         seq //= 2
-        out.append(
-            (
-                {"hyperparameters.max_seq_length": seq, "hyperparameters.block_size": None},
-                f"hyperparameters.maxSeqLength: {seq}",
-            )
-        )
+        shorter: dict[str, Any] = {"hyperparameters.max_seq_length": seq, "hyperparameters.block_size": None}
+        out.append(("seq", [*base, (shorter, f"hyperparameters.maxSeqLength: {seq}")], gpus))
     return out
 
 
-MAX_FIXES = 3
+# The levers from the cheapest (see _levers). A fix ranks by the most expensive lever it pulls, then by how many
+# it pulls, then by the mildest setting (fewest extra GPUs, the largest batch, the longest sequences).
+PREFERENCE = (
+    "method.type: lora",
+    "method.type: qlora",
+    "deepspeed.stage: 3",
+    "hyperparameters.gradientCheckpointing",
+    "resources.gpus",
+    "hyperparameters.batchSize",
+    "hyperparameters.maxSeqLength",
+)
+
+
+def _preference(label: str) -> int:
+    return next(i for i, prefix in enumerate(PREFERENCE) if label.startswith(prefix))
 
 
 def fixes(
     spec: FineTuneJobSpec, shape: ModelShape, gpu: GpuType, gpus: int, data: DataStats | None = None
 ) -> list[str]:
-    """Spec changes that make the job fit, cheapest first, each with its re-estimated memory per GPU."""
-    found: list[str] = []
-    for changes, label in _candidates(spec, gpus):
-        try:
-            changed = _with(spec, changes)
-        except ValueError:
-            continue
-        n = changed.resources.gpus if "resources.gpus" in changes and changed.resources.gpus else gpus
-        mem = _sized(changed, shape, gpu, n, data)
-        if mem.total_gib <= gpu.memory_gib:
-            found.append(f"{label} -> {mem.total_gib:.1f} GiB per GPU")
-            if len(found) >= MAX_FIXES:
-                break
-    return found
+    """Up to MAX_FIXES spec changes that make the job fit, cheapest first (PREFERENCE), each with its
+    re-estimated memory per GPU. Empty when nothing tried fits."""
+    found: list[tuple[tuple[int, int, tuple[int, ...], int], str]] = []
+    done: set[tuple[int, str]] = set()
+    for rank, base in enumerate(_levers(spec, gpus)):
+        for order, (kind, changes, n) in enumerate(_search(spec, base, gpus)):
+            if (rank, kind) in done:
+                continue  # a milder setting of this lever already fits
+            merged: dict[str, Any] = {}
+            for change, _ in changes:
+                merged.update(change)
+            try:
+                changed = _with(spec, merged)
+            except ValueError:
+                continue
+            total = memory_bytes(changed, shape, gpu, n, data)["total"] / GIB
+            if total <= gpu.memory_gib:
+                done.add((rank, kind))
+                label = ", ".join(label for _, label in changes)
+                levers = tuple(sorted(_preference(text) for _, text in changes))
+                found.append(((max(levers), len(changes), levers, order), f"{label} -> {total:.1f} GiB per GPU"))
+    found.sort()
+    kept: list[tuple[set[int], str]] = []
+    for (_, _, levers, _), text in found:
+        if not any(pulled <= set(levers) for pulled, _ in kept):  # a cheaper fix pulls a subset already
+            kept.append((set(levers), text))
+    return [text for _, text in kept[:MAX_FIXES]]
 
 
 def estimate(
@@ -559,15 +604,17 @@ def estimate(
     hours = gpu_hours = None
     if total_flops is not None:
         seconds = total_flops / (dp * _peak_tflops(gpu, precision) * 1e12 * utilisation)
-        hours = round(seconds / 3600, 4)
-        gpu_hours = round(hours * dp, 4)
+        hours = _sig(seconds / 3600)
+        gpu_hours = _sig(seconds / 3600 * dp)
     found = [] if fits else fixes(spec, shape, gpu, gpus, data)
     where = f"{mem.total_gib:.1f} of {gpu.memory_gib:g} GiB per {gpu.name}"
     if fits:
         cost = f"; {gpu_hours:.2f} GPU-hours at {utilisation:.0%} MFU" if gpu_hours is not None else ""
         summary = f"fits: {where}{cost}"
     else:
-        summary = f"does not fit: {where}" + (f"; cheapest fix: {found[0]}" if found else "; no single fix found")
+        summary = f"does not fit: {where}" + (
+            f"; cheapest fix: {found[0]}" if found else "; none of the planner's fixes fits (docs/planner.md)"
+        )
     return Estimate(
         parameters=total,
         trainable_parameters=trainable,
@@ -579,8 +626,8 @@ def estimate(
         dataset_tokens=data.tokens if data else None,
         steps=steps,
         tokens_per_step=tokens_per_step,
-        flops_per_token=float(f"{fpt:.4g}"),
-        total_flops=float(f"{total_flops:.4g}") if total_flops is not None else None,
+        flops_per_token=_sig(fpt),
+        total_flops=_sig(total_flops) if total_flops is not None else None,
         utilisation=utilisation,
         hours=hours,
         gpu_hours=gpu_hours,
