@@ -47,15 +47,21 @@ test: venv k8s-binaries
 demo: venv
 	$(PY) -m finetune_cli.main demo
 
-.PHONY: bench bench-operator bench-train
+.PHONY: bench bench-operator bench-train bench-data bench-storage
 BENCH_ARGS ?=
-bench: bench-operator bench-train  ## every benchmark; results go to docs/benchmarks.md
+bench: bench-operator bench-train bench-data bench-storage  ## every benchmark; results go to docs/benchmarks.md
 
 bench-operator: venv k8s-binaries  ## the operator at scale on the real control plane, e.g. BENCH_ARGS=--quick
 	$(PY) bench/operator_bench.py $(BENCH_ARGS)
 
 bench-train: venv  ## training tokens/s on CPU: ours vs a plain Trainer (max-length / per-batch padding)
 	$(PY) bench/train_bench.py $(BENCH_ARGS)
+
+bench-data: venv  ## data preparation: tokenise + pack, ours vs the seeds' datasets.map/group_texts, s per GB
+	$(PY) bench/data_bench.py $(BENCH_ARGS)
+
+bench-storage: venv  ## checkpoint blocking, and upload/download via the storage layer vs plain boto3 (local S3)
+	$(PY) bench/storage_bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
