@@ -89,9 +89,21 @@ TASKS = {
     "bert": "classification",
     "distilbert": "classification",
 }
-# (model, method, sequence length, per-device batch)
-CASES: list[tuple[str, str, int, int]] = [
-    (arch, method, seq, batch) for arch in CONFIGS for method in ("full", "lora") for seq, batch in ((64, 4), (256, 2))
+# (model, method, sequence length, per-device batch, precision)
+CASES: list[tuple[str, str, int, int, str]] = [
+    (arch, method, seq, batch, "fp32")
+    for arch in CONFIGS
+    for method in ("full", "lora")
+    for seq, batch in ((64, 4), (256, 2))
+]
+# bf16 as the HF Trainer runs it (autocast over fp32 weights), on CPU: the 16-bit weight copies the backward
+# pass keeps, fp32 norms, 16-bit linear inputs. Models without dropout (CPU dropout masks are full elements where
+# GPUs keep one byte), LoRA with lora dropout 0; token counts that no weight shape shares (see ``measure``).
+BF16_CASES: list[tuple[str, str, int, int, str]] = [
+    (arch, method, seq, batch, "bf16")
+    for arch in ("llama", "llama-gqa", "gpt_neox")
+    for method in ("full", "lora")
+    for seq, batch in ((64, 4), (224, 2))
 ]
 
 
@@ -101,6 +113,7 @@ class Row:
     method: str
     seq: int
     batch: int
+    precision: str
     estimated: dict[str, float]  # bytes: weights, gradients, optimizer, states (their sum), activations, total
     measured: dict[str, float]
 
@@ -108,7 +121,7 @@ class Row:
         return (self.estimated[key] - self.measured[key]) / self.measured[key]
 
 
-def job_spec(arch: str, method: str, seq: int, batch: int) -> FineTuneJobSpec:
+def job_spec(arch: str, method: str, seq: int, batch: int, precision: str = "fp32") -> FineTuneJobSpec:
     task = TASKS[arch]
     raw: dict[str, Any] = {
         "model": {"uri": "s3://models/tiny/"},
@@ -116,9 +129,11 @@ def job_spec(arch: str, method: str, seq: int, batch: int) -> FineTuneJobSpec:
         "dataset": {"train": "s3://data/train.jsonl"},
         "output": {"uri": "s3://out/job/"},
         "method": {"type": method},
-        "hyperparameters": {"batchSize": batch, "maxSeqLength": seq, "precision": "fp32", "optimizer": "adamw"},
+        "hyperparameters": {"batchSize": batch, "maxSeqLength": seq, "precision": precision, "optimizer": "adamw"},
         "resources": {"gpus": 0},
     }
+    if method == "lora" and precision != "fp32":
+        raw["method"]["dropout"] = 0.0
     if task == "causal-lm":
         raw["hyperparameters"]["packing"] = False
     return resolve_spec(FineTuneJobSpec.model_validate(raw)).spec
@@ -157,27 +172,34 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def measure(arch: str, method: str, seq: int, batch: int) -> Row:
-    spec = job_spec(arch, method, seq, batch)
+def measure(arch: str, method: str, seq: int, batch: int, precision: str = "fp32") -> Row:
+    spec = job_spec(arch, method, seq, batch, precision)
     model, config = build(arch, spec)
     model.train()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    # Under autocast the saved 16-bit copies of 2-D weights are weights (the estimate counts them there); the
+    # cases' token counts differ from every weight dimension, so no activation has a weight's shape.
+    shapes = {tuple(p.shape) for p in model.parameters() if p.dim() == 2}
+    shapes |= {s[::-1] for s in shapes}
     saved: dict[int, int] = {}
+    copies: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         if storage.data_ptr() not in params and storage.nbytes():
-            saved[storage.data_ptr()] = storage.nbytes()
+            weight_copy = t.dtype == torch.bfloat16 and tuple(t.shape) in shapes
+            (copies if weight_copy else saved)[storage.data_ptr()] = storage.nbytes()
         return t
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
         loss = model(**_inputs(arch, seq, batch)).loss
     loss.backward()
     optimizer.step()
     measured = {
-        "weights": float(sum(_nbytes(p) for p in model.parameters())),
+        "weights": float(sum(_nbytes(p) for p in model.parameters()) + sum(copies.values())),
         "gradients": float(sum(_nbytes(p.grad) for p in trainable if p.grad is not None)),
         "optimizer": float(
             sum(_nbytes(v) for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
@@ -188,27 +210,95 @@ def measure(arch: str, method: str, seq: int, batch: int) -> Row:
     for side in (measured, estimated):
         side["states"] = side["weights"] + side["gradients"] + side["optimizer"]
         side["total"] = side["states"] + side["activations"]  # no overhead term on either side
-    return Row(arch, method, seq, batch, estimated, measured)
+    return Row(arch, method, seq, batch, precision, estimated, measured)
 
 
 def table(rows: list[Row]) -> str:
+    """Markdown: estimated / measured MiB per component, and the errors (estimate - measured) / measured."""
     head = (
-        "| model | method | seq | batch | states est. / measured (MiB) | activations est. / measured (MiB) "
-        "| total est. / measured (MiB) | total error |"
+        "| model | method | precision | seq x batch | weights + grads + optimizer, MiB | activations, MiB "
+        "| total, MiB | error (states / activations / total) |"
     )
     lines = [head, "|" + "---|" * 8]
     for r in rows:
         cells = [f"{r.estimated[k] / MIB:.2f} / {r.measured[k] / MIB:.2f}" for k in ("states", "activations", "total")]
+        errors = " / ".join(f"{r.error(k):+.1%}" for k in ("states", "activations", "total"))
         lines.append(
-            f"| {r.model} | {r.method} | {r.seq} | {r.batch} | {' | '.join(cells)} | {r.error('total'):+.1%} |"
+            f"| {r.model} | {r.method} | {r.precision} | {r.seq} x {r.batch} | {' | '.join(cells)} | {errors} |"
         )
     return "\n".join(lines)
 
 
+LLAMA_2_7B = {
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "vocab_size": 32000,
+}
+LLAMA_2_70B = {**LLAMA_2_7B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80}
+LLAMA_2_70B |= {"num_attention_heads": 64, "num_key_value_heads": 8}
+EXAMPLES: list[tuple[str, dict[str, Any], dict[str, Any], str, int]] = [
+    ("Llama-2-7B full, bf16, 1 x a100-40gb", LLAMA_2_7B, {"method": {"type": "full"}}, "a100-40gb", 1),
+    ("Llama-2-7B qlora, 1 x l4", LLAMA_2_7B, {"method": {"type": "qlora"}}, "l4", 1),
+    (
+        "Llama-2-70B full, ZeRO-3, checkpointing, batch 1, 16 x h100",
+        LLAMA_2_70B,
+        {
+            "method": {"type": "full"},
+            "deepspeed": {"stage": 3},
+            "hyperparameters": {"gradientCheckpointing": True, "batchSize": 1},
+        },
+        "h100",
+        16,
+    ),
+]
+
+
+def examples() -> str:
+    """The planner on three well-known jobs (instruction data: 50k samples, 15M tokens, maxSeqLength 512)."""
+    data = plan.DataStats(
+        samples=50_000,
+        tokens=15_000_000,
+        mean_length=300.0,
+        p50_length=280,
+        p95_length=510,
+        max_length=900,
+        truncated=700,
+    )
+    out = []
+    for title, config, changes, gpu, gpus in EXAMPLES:
+        raw: dict[str, Any] = {
+            "model": {"uri": "s3://models/m/"},
+            "task": "instruction",
+            "dataset": {"train": "s3://data/train.jsonl", "template": {"prompt": "{q}", "response": "{a}"}},
+            "output": {"uri": "s3://out/job/"},
+            "hyperparameters": {"precision": "bf16"},
+            "resources": {"gpus": gpus},
+        }
+        for key, value in changes.items():
+            raw[key] = {**raw.get(key, {}), **value}
+        spec = resolve_spec(FineTuneJobSpec.model_validate(raw)).spec
+        est = plan.estimate(spec, plan.model_shape(config), plan.gpu_type(gpu), gpus, data)
+        m = est.memory
+        out.append(
+            f"{title}: weights {m.weights_gib:.1f} + gradients {m.gradients_gib:.1f} + optimizer "
+            f"{m.optimizer_gib:.1f} + activations {m.activations_gib:.1f} + overhead {m.overhead_gib:.1f} GiB\n"
+            f"  {est.summary}\n" + "".join(f"  fix: {f}\n" for f in est.fixes)
+        )
+    return "\n".join(out)
+
+
 def main(argv: list[str]) -> int:
+    if "--examples" in argv:
+        print(examples())
+        return 0
     torch.set_num_threads(1)
-    rows = [measure(*case) for case in CASES]
+    rows = [measure(*case) for case in CASES + BF16_CASES]
     print(table(rows))
+    worst = max(abs(r.error("total")) for r in rows)
+    print(f"\n{len(rows)} cases; worst total error {worst:.1%} (estimated / measured, overhead term excluded)")
     return 0
 
 

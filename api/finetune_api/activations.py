@@ -207,8 +207,8 @@ class _Block:
         if not c.full and o_trains:  # the output projection's adapter
             if c.lora_dropout > 0:
                 self.linears((fam.out,), h, False)
-            else:
-                self.total += c.rank * c.e
+            else:  # peft casts the 16-bit output to the adapter's fp32, autocast casts it back: a new copy
+                self.total += c.rank * c.e + (h * c.e if c.autocast else 0)
         self.dropout()
 
     def dropout(self) -> None:
@@ -281,3 +281,13 @@ def activation_bytes(model_type: str, ctx: Context, layers: int, decoder_layers:
     if fam.position_bias:
         total += len(stacks) * ctx.seq * ctx.seq * 9  # relative-position buckets (int64), the causal mask
     return total
+
+
+def frozen_without_grad(model_type: str, linears: list[tuple[str, int, int]], stacks: int) -> int:
+    """LoRA: weights of the frozen linears in each stack's first block whose input needs no gradient (they read
+    the frozen embeddings), so autocast's 16-bit copies of them are not kept: the attention's input projections,
+    and with GPT-NeoX's parallel residual the MLP too. ``linears``: (name, fan_in, fan_out) of one block."""
+    fam = FAMILIES.get(model_type, _LLAMA)
+    names = set(fam.qkv) | ({*fam.mlp_in, fam.mlp_out} if fam.shared_norm_input else set())
+    per_block = {name: fan_in * fan_out for name, fan_in, fan_out in linears if name in names}
+    return stacks * sum(per_block.values())

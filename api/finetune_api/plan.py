@@ -348,6 +348,11 @@ def memory_bytes(
     else:
         weights = 4.0 * total / (n if ds and stage == 3 else 1)
         copies = sum(x.fan_in * x.fan_out * x.count for x in shape.linears) + head + lora
+        if method == MethodType.LORA:
+            stacks = 2 if shape.cross_attention_layers else 1
+            copies -= acts.frozen_without_grad(
+                shape.model_type, [(x.name, x.fan_in, x.fan_out) for x in shape.linears], stacks
+            )
     if mixed and (not ds or method == MethodType.QLORA):
         # Autocast's 16-bit copies of the fp32 weights each matmul uses, kept for the backward pass.
         weights += 2.0 * copies

@@ -1,5 +1,5 @@
-"""The planner's memory estimate against what tiny real models hold on CPU in fp32 (bench/plan_memory.py builds
-the rows; docs/planner.md shows its table).
+"""The planner's memory estimate against what tiny real models hold on CPU, in fp32 and in bf16 autocast as the HF
+Trainer runs mixed precision (bench/plan_memory.py builds the rows; docs/planner.md shows its table).
 
 Each case builds the model the trainer builds (its own loading and LoRA wrapping), runs one training forward
 under ``torch.autograd.graph.saved_tensors_hooks`` (the unique storages saved for backward, parameters excluded:
@@ -9,7 +9,8 @@ tensor: the states), and compares with ``finetune_api.plan.memory_bytes`` for th
 Tolerances:
 
 * weights, gradients, optimizer states: 1%. They are counted, not modelled (config.json's shapes, rank x (in + out)
-  per adapter, two fp32 moments per trainable parameter); the only slack is AdamW's 4-byte step counters.
+  per adapter, two fp32 moments per trainable parameter, in bf16 the 16-bit weight copies autocast keeps for the
+  backward pass); the only slack is AdamW's 4-byte step counters.
 * activations: 10%. The rules in finetune_api.activations are per-tensor, but leave out what does not scale
   with the model (token ids, labels, rotary tables, T5's causal mask) and count grouped-query k and v at full
   width, as transformers saves them whenever a padding mask is present (the held-out llama-gqa rows, which
@@ -23,12 +24,12 @@ from __future__ import annotations
 
 import pytest
 
-from bench.plan_memory import CASES, Row, measure
+from bench.plan_memory import BF16_CASES, CASES, Row, measure
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module", params=CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.fixture(scope="module", params=CASES + BF16_CASES, ids=lambda c: "-".join(map(str, c)))
 def row(request: pytest.FixtureRequest) -> Row:
     return measure(*request.param)
 
