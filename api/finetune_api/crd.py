@@ -99,6 +99,7 @@ PRINTER_COLUMNS = [
     {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step", "priority": 1},
     {"name": "Loss", "type": "number", "jsonPath": ".status.loss"},
     {"name": "ETA", "type": "integer", "jsonPath": ".status.progress.etaSeconds", "priority": 1},
+    {"name": "Workers", "type": "string", "jsonPath": ".status.workers", "priority": 1},
     {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1},
     # The preflight's estimate, known before any GPU is held: GiB per GPU and GPU-hours.
     {"name": "GiB/GPU", "type": "number", "jsonPath": ".status.estimate.memory.totalGib", "priority": 1},

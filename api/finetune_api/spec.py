@@ -341,6 +341,16 @@ class Resources(ApiModel):
     """What the trainer pod gets. Unset values come from the platform's policy."""
 
     gpus: int | None = Field(default=None, ge=0, le=64, description="GPUs per pod. Default: platform policy.")
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Pods that train this job together as one gang (torch.distributed across pods: DDP, or "
+        "DeepSpeed ZeRO when deepspeed is set), each with `gpus` GPUs, `cpu` and `memory`; the global batch is "
+        "batchSize x gradientAccumulationSteps x GPUs per pod (1 on CPU) x workers. Every worker downloads the "
+        "model and data; worker 0 reports progress and uploads checkpoints and the model. When any worker fails "
+        "the whole gang restarts from the newest checkpoint, as one attempt. Default: 1 (one pod).",
+    )
     gpu_type: str | None = Field(
         default=None,
         description="GPU model the preflight planner sizes the job for: memory per GPU, whether it fits, time "

@@ -90,7 +90,12 @@ class FineTuneJobStatus(ApiModel):
     conditions: list[Condition] = Field(default_factory=list, description="Conditions (API conventions).")
     observed_generation: int | None = Field(default=None, description="Spec generation last acted on.")
     workload: str | None = Field(default=None, description="Name of the batch Job running the trainer.")
-    attempts: int = Field(default=0, description="Trainer pods started so far (retries resume).")
+    attempts: int = Field(
+        default=0, description="Trainer pods started so far (retries resume); for a gang, gang starts."
+    )
+    workers: str | None = Field(
+        default=None, description='Worker pods running / wanted, e.g. "2/2" (jobs with resources.workers > 1).'
+    )
     trainer_pods: list[str] = Field(
         default_factory=list,
         description="Names of the trainer pods seen so far (the newest 32), for counting attempts.",

@@ -20,6 +20,7 @@ LABEL_JOB = "finetune.dev/job-name"
 LABEL_UID = "finetune.dev/job-uid"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_RANK = "finetune.dev/worker-rank"  # a gang's workers (resources.workers > 1): 0..N-1
 MANAGER = "finetune-operator"
 CONFIG_MOUNT = "/etc/finetune"
 CONFIG_FILE = "job.yaml"
@@ -29,6 +30,7 @@ TRAINER_UID = 1000
 TERMINATION_GRACE_SECONDS = 120
 HOLD_ON_USER_ERROR_SECONDS = 60
 INTERRUPTIONS_ALLOWED = 50  # evictions/preemptions before the Job controller itself gives up
+RDZV_PORT = 29500  # torch.distributed's usual master port, on worker 0
 PREFLIGHT_DEADLINE_SECONDS = 3600  # a preflight still running after an hour (a huge dataset) is stopped
 
 
@@ -271,7 +273,12 @@ def build_preflight(
         "image": spec.image,
         "imagePullPolicy": image_pull_policy,
         "command": ["python", "-m", "finetune_trainer.preflight", "--config", f"{CONFIG_MOUNT}/{CONFIG_FILE}"],
-        "env": [*_base_env(), {"name": "FINETUNE_GPUS", "value": str(spec.resources.gpus or 0)}, *_storage_env(spec)],
+        "env": [
+            *_base_env(),
+            # The planner sizes the whole job: every GPU of every worker.
+            {"name": "FINETUNE_GPUS", "value": str((spec.resources.gpus or 0) * spec.resources.workers)},
+            *_storage_env(spec),
+        ],
         "resources": {"requests": dict(amounts), "limits": dict(amounts)},
         "volumeMounts": [dict(m) for m in _MOUNTS],
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -293,6 +300,36 @@ def build_preflight(
             "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
         },
     }
+
+
+def worker_name(job_name: str, rank: int) -> str:
+    return child_name(job_name, f"worker-{rank}")
+
+
+def build_worker(
+    meta: dict[str, Any], spec: FineTuneJobSpec, image_pull_policy: str, rank: int, rdzv_host: str
+) -> dict[str, Any]:
+    """One worker of a gang (resources.workers > 1): the trainer's Job for one stable rank, with the
+    torch.distributed rendezvous in its environment (static: worker 0 hosts it at rdzv_host:RDZV_PORT, the pod
+    IP of worker 0 as the other pods reach it, known once that pod has one). backoffLimit 0 and no
+    podFailurePolicy: a worker never restarts alone; the operator restarts the whole gang (gang.py)."""
+    job = build_workload(meta, spec, image_pull_policy)
+    job["metadata"]["name"] = worker_name(meta["name"], rank)
+    job["metadata"]["labels"][LABEL_RANK] = str(rank)
+    template = job["spec"]["template"]
+    template["metadata"]["labels"][LABEL_RANK] = str(rank)
+    job["spec"]["backoffLimit"] = 0
+    job["spec"].pop("podFailurePolicy", None)
+    container = template["spec"]["containers"][0]
+    container["env"] += [
+        {"name": "FINETUNE_WORKERS", "value": str(spec.resources.workers)},
+        {"name": "FINETUNE_WORKER_RANK", "value": str(rank)},
+        {"name": "FINETUNE_RDZV_HOST", "value": "127.0.0.1" if rank == 0 else rdzv_host},
+        {"name": "FINETUNE_RDZV_PORT", "value": str(RDZV_PORT)},
+    ]
+    if rank == 0:
+        container["ports"] = [{"name": "rendezvous", "containerPort": RDZV_PORT, "protocol": "TCP"}]
+    return job
 
 
 def restricted_container() -> dict[str, Any]:

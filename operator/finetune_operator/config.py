@@ -110,7 +110,8 @@ class AllowedUris(_Model):
 class Limits(_Model):
     """Hard limits; a job beyond them fails validation with reason PolicyViolation."""
 
-    max_gpus_per_job: int = Field(default=8, ge=0)
+    max_gpus_per_job: int = Field(default=8, ge=0)  # all of a job's pods together: gpus x workers
+    max_workers_per_job: int = Field(default=4, ge=1)
     max_cpu: str | None = "64"
     max_memory: str | None = "512Gi"
     max_active_deadline_seconds: int | None = None

@@ -283,7 +283,14 @@ class Controller:
         return result
 
     def _observe(self, uid: str, workload: str, preflight: str) -> Observation:
+        record = self.records.get(uid)
+        name = record.name if record is not None else ""
         jobs = {j.name: j for j in self.jobs.get(uid, ()) if j.name in (workload, preflight)}
+        workers = {
+            j.rank: j
+            for j in self.jobs.get(uid, ())
+            if j.rank is not None and j.name == builders.worker_name(name, j.rank)
+        }
         children = sorted(self.pods.get(uid, ()), key=lambda p: (p.created, p.name))
         pods = [p for p in children if p.component != "preflight"]
         reports: list[Report] = []
@@ -299,13 +306,14 @@ class Controller:
             quota_message=self.quota_messages.get(uid),
             preflight=jobs.get(preflight),
             preflight_pods=[p for p in children if p.component == "preflight"],
+            workers=workers,
         )
 
     async def _drain(self, record: Record, pods: list[PodView]) -> None:
         """Read what a finished trainer wrote after its stream was last read (or while no operator ran)."""
         for pod in pods:
             key = (record.uid, pod.name)
-            if not pod.finished or key in self.drained:
+            if not pod.finished or key in self.drained or pod.rank not in (None, 0):
                 continue
             self.follower.stop(record.namespace, pod.name)
             self.followed.get(record.uid, set()).discard(pod.name)
@@ -316,7 +324,8 @@ class Controller:
 
     def _manage_streams(self, record: Record, status: FineTuneJobStatus, pods: list[PodView]) -> None:
         followed = self.followed.setdefault(record.uid, set())
-        live = {p.name for p in pods if p.running and (record.uid, p.name) not in self.drained}
+        # A gang's worker 0 speaks for it; the other workers print no reports.
+        live = {p.name for p in pods if p.running and p.rank in (None, 0) and (record.uid, p.name) not in self.drained}
         if status.phase in TERMINAL or status.phase == Phase.SUSPENDED:
             live = set()
         for pod in followed - live:
@@ -404,7 +413,7 @@ class Controller:
         for action in decision.actions:
             try:
                 if isinstance(action, CreateWorkload):
-                    if not await self._run(self.kube.create, action.config_map):
+                    if action.config_map is not None and not await self._run(self.kube.create, action.config_map):
                         await self._run(
                             self.kube.replace_config_map_data,
                             ns,

@@ -59,6 +59,8 @@ class PodView:
     disrupted: bool = False  # the DisruptionTarget condition (Kubernetes 1.26+: preemption, eviction, drain)
     deleting: bool = False  # deletionTimestamp set: someone (a drain, a preemption, a person) is removing it
     component: str = "trainer"  # its app.kubernetes.io/component label: trainer or preflight
+    rank: int | None = None  # a gang worker's rank (finetune.dev/worker-rank); None for a one-pod job
+    pod_ip: str | None = None
 
     @property
     def running(self) -> bool:
@@ -82,6 +84,7 @@ class JobView:
     resource_version: str = ""
     suspended: bool = False  # spec.suspend (Kubernetes 1.21+): a queue such as Kueue has not admitted it yet
     start_time: str | None = None  # status.startTime: when the Job controller started it
+    rank: int | None = None  # a gang worker's Job: its rank
 
 
 @dataclass
@@ -94,6 +97,7 @@ class Observation:
     secrets: list[str] = field(default_factory=list)  # the Secrets the trainer pod references (for messages)
     preflight: JobView | None = None  # the CPU preflight's Job (preflight.py), while it exists
     preflight_pods: list[PodView] = field(default_factory=list)  # oldest first
+    workers: dict[int, JobView] = field(default_factory=dict)  # a gang's worker Jobs by rank (gang.py)
 
 
 def _ts(value: str | None) -> str | None:
@@ -137,7 +141,14 @@ def pod_view(pod: Mapping[str, Any]) -> PodView:
         disrupted=disrupted,
         deleting=bool(meta.get("deletionTimestamp")),
         component=(meta.get("labels") or {}).get("app.kubernetes.io/component") or "trainer",
+        rank=_rank(meta),
+        pod_ip=status.get("podIP") or None,
     )
+
+
+def _rank(meta: Mapping[str, Any]) -> int | None:
+    value = (meta.get("labels") or {}).get("finetune.dev/worker-rank")
+    return int(value) if value is not None and str(value).isdigit() else None
 
 
 def job_view(job: Mapping[str, Any]) -> JobView:
@@ -160,6 +171,7 @@ def job_view(job: Mapping[str, Any]) -> JobView:
         resource_version=str(meta.get("resourceVersion") or ""),
         suspended=bool((job.get("spec") or {}).get("suspend")),
         start_time=_ts(status.get("startTime")),
+        rank=_rank(meta),
     )
 
 
@@ -252,7 +264,7 @@ def fold_reports(status: FineTuneJobStatus, reports: Iterable[Report], keep: int
     )
 
 
-def _last_error(reports: list[Report], pod: PodView | None) -> tuple[str, str]:
+def last_error(reports: list[Report], pod: PodView | None) -> tuple[str, str]:
     errors = [r for r in reports if r.kind == ReportKind.ERROR]
     if pod is not None:
         errors += [r for r in reports_from_text(pod.termination_message) if r.kind == ReportKind.ERROR]
@@ -388,20 +400,20 @@ def compute_status(
         message = f"model uploaded to {status.output.uri}" if status.output else "the trainer completed"
     elif user_error is not None:
         phase = Phase.FAILED
-        reason, message = _last_error(obs.reports if user_error is latest else [], user_error)
+        reason, message = last_error(obs.reports if user_error is latest else [], user_error)
     elif final_error is not None:  # the trainer reported a user error and waits for the Job to be stopped
         phase = Phase.FAILED
         reason, message = final_error.reason or "TrainerError", final_error.message or "the trainer reported an error"
     elif counts.failures > backoff_limit:
         failed_pod = next((p for p in reversed(pods) if p.phase == "Failed" and not interrupted(p)), latest)
-        phase, (reason, message) = Phase.FAILED, _last_error(obs.reports, failed_pod)
+        phase, (reason, message) = Phase.FAILED, last_error(obs.reports, failed_pod)
         message = f"{message} (gave up after {counts.failures} failed attempts; runPolicy.backoffLimit={backoff_limit})"
     elif job is not None and job.failed_reason is not None:
         phase = Phase.FAILED
         if job.failed_reason == "DeadlineExceeded":
             reason, message = "DeadlineExceeded", "runPolicy.activeDeadlineSeconds reached; the trainer was stopped"
         else:
-            reason, message = _last_error(obs.reports, latest)
+            reason, message = last_error(obs.reports, latest)
             message = f"{message} (gave up after {attempts} attempts; runPolicy.backoffLimit={backoff_limit})"
     elif latest is None and job is not None and job.suspended:
         phase, reason, message = Phase.QUEUED, "WaitingForQueue", "the Job waits for its queue (Kueue) to admit it"

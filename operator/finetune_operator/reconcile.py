@@ -16,7 +16,7 @@ from typing import Any
 
 from finetune_api.spec import API_GROUP, API_VERSION, KIND, FineTuneJobSpec, NotificationSpec
 from finetune_api.status import Condition, ConditionType, FineTuneJobStatus, Phase
-from finetune_operator import builders, preflight
+from finetune_operator import builders, gang, preflight
 from finetune_operator.config import Preflight
 from finetune_operator.notify import payload
 from finetune_operator.observe import (
@@ -58,7 +58,7 @@ class JobRef:
 class CreateWorkload:
     """Create the ConfigMap and the batch Job (both adopted); an existing one of the same name is kept."""
 
-    config_map: dict[str, Any]
+    config_map: dict[str, Any] | None  # None: it exists already (the other workers of a gang)
     job: dict[str, Any]
     event_reason: str
     event_message: str
@@ -199,12 +199,13 @@ def _finished(
 ) -> Decision:
     """A finished job only waits for runPolicy.ttlSecondsAfterFinished to delete its Job."""
     ttl = (spec.get("runPolicy") or {}).get("ttlSecondsAfterFinished")
-    if ttl is None or not status.completion_time or obs.job is None:
+    jobs = [job.name for job in (obs.job, *obs.workers.values()) if job is not None]
+    if ttl is None or not status.completion_time or not jobs:
         return Decision(status)
     left = (_parse(status.completion_time) - now).total_seconds() + int(ttl)
     if left > 0:
         return Decision(status, requeue_after=left)
-    return Decision(status, [DeleteWorkload(obs.job.name)])
+    return Decision(status, [DeleteWorkload(name) for name in jobs])
 
 
 def notify(decision: Decision, ref: JobRef, raw_spec: dict[str, Any], image: str, pull_policy: str) -> Decision:
@@ -238,7 +239,7 @@ def _cancel(status: FineTuneJobStatus, gen: int | None, obs: Observation, stamp:
         }
     )
     actions: list[Action] = [PostEvent("Normal", "Cancelled", message)]
-    for child in (obs.job, obs.preflight):
+    for child in (obs.job, obs.preflight, *obs.workers.values()):
         if child is not None:
             actions.insert(0, DeleteWorkload(child.name))
     return Decision(new, actions)
@@ -296,6 +297,56 @@ def _preflight(
     return decision
 
 
+def _gang(
+    ref: JobRef,
+    spec: FineTuneJobSpec,
+    status: FineTuneJobStatus,
+    conds: list[Condition],
+    obs: Observation,
+    config_map: dict[str, Any],
+    actions: list[Action],
+    image_pull_policy: str,
+    now: dt.datetime,
+    start_deadline_seconds: float | None,
+) -> Decision:
+    """A job with resources.workers > 1: its worker Jobs, created, restarted and judged as one (gang.py)."""
+    stamp, gen, workers = _stamp(now), ref.generation, spec.resources.workers
+    if obs.workers and status.observed_generation != gen:
+        actions.append(SyncConfig(config_map))
+    if obs.workers:
+        conds = set_condition(
+            conds, ConditionType.WORKLOAD_CREATED, "True", "Created", f"{workers} workers", gen, stamp
+        )
+    if spec.storage.secret_ref is not None:
+        obs = dataclasses.replace(obs, secrets=[spec.storage.secret_ref.name])
+    step = gang.step(
+        status.model_copy(update={"conditions": conds, "workload": builders.worker_name(ref.name, 0)}),
+        obs,
+        job_name=ref.name,
+        workers=workers,
+        backoff_limit=spec.run_policy.backoff_limit,
+        keep_checkpoints=spec.checkpoints.keep,
+        generation=gen,
+        now=stamp,
+        start_deadline_seconds=start_deadline_seconds,
+    )
+    meta = ref.meta()
+    deadline = spec.run_policy.active_deadline_seconds
+    if deadline and status.active_seconds:  # suspended time does not count against the deadline
+        meta["activeDeadlineSeconds"] = max(1, deadline - status.active_seconds)
+    for rank in step.create:
+        job = adopt(builders.build_worker(meta, spec, image_pull_policy, rank, step.rdzv_host), ref)
+        message = f"created Job {job['metadata']['name']} (worker {rank} of {workers})"
+        actions.append(CreateWorkload(config_map if rank == 0 else None, job, "WorkloadCreated", message))
+    actions += [DeleteWorkload(name) for name in step.delete]
+    actions += [PostEvent(kind, reason, message) for kind, reason, message in step.events]
+    decision = Decision(step.status, actions, requeue_after=step.requeue_after)
+    if step.status.phase in TERMINAL:
+        ttl = _finished(ref, spec.dump(), step.status, obs, now)
+        decision.requeue_after = ttl.requeue_after or (0.5 if ttl.actions else None)
+    return decision
+
+
 def decide(
     ref: JobRef,
     raw_spec: dict[str, Any],
@@ -328,10 +379,12 @@ def decide(
         actions.append(DeleteWorkload(obs.preflight.name))  # a preflight of a suspended or finished job is moot
     if spec.run_policy.suspend:
         active = status.active_seconds
-        if obs.job is not None:
-            actions.append(DeleteWorkload(obs.job.name))
-            if status.phase != Phase.SUSPENDED and obs.job.start_time:
-                active += max(0, int((now - _parse(obs.job.start_time)).total_seconds()))
+        for job in (obs.job, *obs.workers.values()):
+            if job is None:
+                continue
+            actions.append(DeleteWorkload(job.name))
+            if status.phase != Phase.SUSPENDED and job.start_time and job.rank in (None, 0):
+                active += max(0, int((now - _parse(job.start_time)).total_seconds()))
         if status.phase != Phase.SUSPENDED:
             actions.append(
                 PostEvent("Normal", "Suspended", "trainer stopped; unsuspend to resume from the last checkpoint")
@@ -367,6 +420,8 @@ def decide(
         if isinstance(step, Decision):
             return step
         status, conds, actions = step
+    if spec.resources.workers > 1:
+        return _gang(ref, spec, status, conds, obs, config_map, actions, image_pull_policy, now, start_deadline_seconds)
     if obs.job is None:
         # No Job: a new or unsuspended job, a revived one, or one whose Job was deleted by hand (the trainer resumes).
         recreated = status.workload is not None and status.phase in (Phase.PENDING, Phase.RUNNING)

@@ -205,12 +205,21 @@ def _check_compute(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Problem]:
     method = MethodType(spec.method.type)
     if method.value not in cfg.limits.allowed_methods:
         problems.append(Problem("PolicyViolation", "spec.method.type", f"{method} is not allowed on this platform"))
-    if gpus > cfg.limits.max_gpus_per_job:
+    if res.workers > cfg.limits.max_workers_per_job:
+        problems.append(
+            Problem(
+                "PolicyViolation",
+                "spec.resources.workers",
+                f"{res.workers} worker pods exceeds this platform's limit of {cfg.limits.max_workers_per_job}",
+            )
+        )
+    if gpus * res.workers > cfg.limits.max_gpus_per_job:
+        total = f"{gpus} GPUs" if res.workers == 1 else f"{gpus} GPUs x {res.workers} workers"
         problems.append(
             Problem(
                 "PolicyViolation",
                 "spec.resources.gpus",
-                f"{gpus} GPUs exceeds this platform's limit of {cfg.limits.max_gpus_per_job}",
+                f"{total} exceeds this platform's limit of {cfg.limits.max_gpus_per_job} GPUs per job",
             )
         )
     for name, value, limit in (

@@ -138,8 +138,8 @@ class Jobs:
         self.core.create_namespaced_pod_binding(pod.metadata.name, self.ns, binding, _preload_content=False)
         return pod
 
-    def set_pod(self, pod: Any, phase: str, **state: Any) -> None:
-        status = {
+    def set_pod(self, pod: Any, phase: str, pod_ip: str | None = None, **state: Any) -> None:
+        status: dict[str, Any] = {
             "phase": phase,
             "containerStatuses": [
                 {"name": "trainer", "image": "finetune-trainer:test", "imageID": "", "ready": phase == "Running",
@@ -148,7 +148,24 @@ class Jobs:
         }  # fmt: skip
         if phase == "Running":
             status["startTime"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        if pod_ip:
+            status["podIP"] = pod_ip
         self.core.patch_namespaced_pod_status(pod.metadata.name, self.ns, {"status": status})
+
+    def pod_of(self, job: str) -> Any:
+        """The pod of Job `job` (bound to the fake node)."""
+        pods = wait_for(
+            f"the pod of {job}",
+            lambda: self.core.list_namespaced_pod(self.ns, label_selector=f"job-name={job}").items,
+            timeout=40,
+        )
+        return self.bind(pods[0]) if not pods[0].spec.node_name else pods[0]
+
+    def force_delete_pods(self) -> None:
+        """Play the kubelet confirming that stopped pods are gone."""
+        for pod in self.pods():
+            if pod.metadata.deletion_timestamp:
+                self.core.delete_namespaced_pod(pod.metadata.name, self.ns, grace_period_seconds=0)
 
 
 @pytest.fixture
@@ -556,3 +573,47 @@ def test_a_reported_user_error_stops_the_job_before_the_pod_exits(
     assert job.spec.parallelism == 0
     time.sleep(2)
     assert len(jobs.pods()) == 1  # no second attempt
+
+
+def test_a_gang_starts_worker_zero_first_restarts_as_one_and_succeeds(
+    operator: OperatorProcess, kubelet_logs: FakeKubeletLogs, jobs: Jobs
+) -> None:
+    """resources.workers: 2 on the real control plane (the test plays the kubelet): worker 0's Job first; the
+    other worker once worker 0's pod has an IP, which is its rendezvous address; a failed worker deletes the
+    whole gang, which starts again (one more attempt, one failure) once its pods are gone."""
+    jobs.create("gang", valid_spec(resources={"workers": 2}, runPolicy={"backoffLimit": 1}))
+    wait_for("worker 0's Job", lambda: [j.metadata.name for j in jobs.k8s_jobs()] == ["gang-worker-0"])
+    leader = jobs.pod_of("gang-worker-0")
+    kubelet_logs.logs[(jobs.ns, leader.metadata.name)] = ""
+    jobs.set_pod(leader, "Running", pod_ip="198.18.100.31", running={"startedAt": "2026-01-01T00:00:00Z"})
+    wait_for("worker 1's Job", lambda: "gang-worker-1" in {j.metadata.name for j in jobs.k8s_jobs()})
+    worker = jobs.batch.read_namespaced_job("gang-worker-1", jobs.ns)
+    env = {e.name: e.value for e in worker.spec.template.spec.containers[0].env}
+    assert (env["FINETUNE_RDZV_HOST"], env["FINETUNE_WORKER_RANK"], env["FINETUNE_WORKERS"]) == (
+        "198.18.100.31",
+        "1",
+        "2",
+    )
+    assert worker.metadata.owner_references[0].kind == "FineTuneJob"
+    assert jobs.status("gang")["workers"] == "1/2"
+    follower = jobs.pod_of("gang-worker-1")
+    jobs.set_pod(follower, "Running", pod_ip="198.18.100.32", running={"startedAt": "2026-01-01T00:00:01Z"})
+    status = jobs.wait_phase("gang", "Running", timeout=15)
+    assert status["workers"] == "2/2" and status["attempts"] == 1
+    printed = kubectl("get", "ftj", "gang", "-n", jobs.ns, "-o", "wide").stdout
+    assert "2/2" in printed
+
+    jobs.set_pod(follower, "Failed", terminated={"exitCode": 1, "reason": "Error"})
+    status = wait_for("restart", lambda: (s := jobs.status("gang")).get("reason") == "Restarting" and s, timeout=15)
+    assert status["failures"] == 1 and "worker 1 failed" in status["message"]
+    wait_for("every worker Job deleted", lambda: not jobs.k8s_jobs(), timeout=20)
+    wait_for("pods stopping", lambda: all(p.metadata.deletion_timestamp for p in jobs.pods()), timeout=30)
+    jobs.force_delete_pods()
+    status = wait_for("attempt 2", lambda: (s := jobs.status("gang")).get("attempts") == 2 and s, timeout=30)
+    assert status["failures"] == 1
+    leader = jobs.pod_of("gang-worker-0")
+    kubelet_logs.logs[(jobs.ns, leader.metadata.name)] = ""
+    final = report(9, ReportKind.OUTPUT, uri="s3://out/job/model/", manifest="s3://out/job/manifest.json")
+    jobs.set_pod(leader, "Succeeded", terminated={"exitCode": 0, "reason": "Completed", "message": final})
+    status = jobs.wait_phase("gang", "Succeeded", timeout=30)
+    assert status["output"]["uri"] == "s3://out/job/model/" and (status["attempts"], status["failures"]) == (2, 1)

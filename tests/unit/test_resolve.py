@@ -29,7 +29,7 @@ from pydantic import BaseModel
 from finetune_api import plan
 from finetune_api.resolve import SpecError, check_spec, resolve_spec
 from finetune_api.spec import FineTuneJobSpec
-from finetune_operator.builders import build_workload
+from finetune_operator.builders import build_worker, build_workload
 from finetune_operator.config import OperatorConfig
 from finetune_operator.validation import validate_spec
 from finetune_trainer.config import architecture
@@ -134,6 +134,7 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "deepspeed.offloadParams": ({"deepspeed": {"stage": 3}}, {"deepspeed.offloadParams": True}),
     "resources.gpus": ({}, {"resources.gpus": 1}),
     "resources.gpuType": ({"resources.gpus": 1}, {"resources.gpuType": "a100-40gb"}),
+    "resources.workers": ({}, {"resources.workers": 2}),
     "resources.gpuResourceName": ({"resources.gpus": 1}, {"resources.gpuResourceName": "amd.com/gpu"}),
     "resources.cpu": ({}, {"resources.cpu": "3"}),
     "resources.memory": ({}, {"resources.memory": "5Gi"}),
@@ -280,13 +281,20 @@ def observe(raw: dict[str, Any], root: Path, tok: Any) -> dict[str, Any]:
     data = prepare_data(spec, tok, train_path, _local(spec.dataset.validation, root))
     return {
         "training": training.dump(),
-        "workload": build_workload(META, spec),
+        # The Jobs the operator creates: one, or one per worker of a gang (worker 0's pod IP as rendezvous).
+        "workload": (
+            build_workload(META, spec)
+            if spec.resources.workers == 1
+            else [build_worker(META, spec, "IfNotPresent", r, "198.18.100.20") for r in range(spec.resources.workers)]
+        ),
         "args": {k: v for k, v in args.to_dict().items() if k not in ("output_dir", "logging_dir")},
         "deepspeed": deepspeed_config(spec.deepspeed) if spec.deepspeed else None,
         "lora": lora_kwargs(spec, architecture(spec, training, "llama")),
         "bnb": quantization_kwargs(spec) if spec.method.type == "qlora" else None,
         "early_stopping": vars(stopper) if stopper else None,
-        "estimate": plan.estimate(spec, SHAPE, plan.gpu_for(spec), spec.resources.gpus or 0).dump(),
+        "estimate": plan.estimate(
+            spec, SHAPE, plan.gpu_for(spec), (spec.resources.gpus or 0) * spec.resources.workers
+        ).dump(),
         "generation": {**generation_kwargs(spec, training), "prompts": spec.evaluation.sample_prompts},
         "data": {
             "train": data.train.to_dict(),
