@@ -47,9 +47,9 @@ test: venv k8s-binaries
 demo: venv
 	$(PY) -m finetune_cli.main demo
 
-.PHONY: bench bench-operator bench-train bench-data bench-storage
+.PHONY: bench bench-operator bench-train bench-data bench-storage bench-submit
 BENCH_ARGS ?=
-bench: bench-operator bench-train bench-data bench-storage  ## every benchmark; results go to docs/benchmarks.md
+bench: bench-operator bench-train bench-data bench-storage bench-submit  ## every benchmark; results go to docs/benchmarks.md
 
 bench-operator: venv k8s-binaries  ## the operator at scale on the real control plane, e.g. BENCH_ARGS=--quick
 	$(PY) bench/operator_bench.py $(BENCH_ARGS)
@@ -62,6 +62,9 @@ bench-data: venv  ## data preparation: tokenise + pack, ours vs the seeds' datas
 
 bench-storage: venv  ## checkpoint blocking, and upload/download via the storage layer vs plain boto3 (local S3)
 	$(PY) bench/storage_bench.py $(BENCH_ARGS)
+
+bench-submit: venv k8s-binaries  ## submit -> first training step by stage on the local cluster, vs a plain Job
+	$(PY) bench/submit_bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
