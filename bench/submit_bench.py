@@ -180,14 +180,14 @@ def run_plain(cluster: Cluster, target: demo.Target, resolved: dict[str, Any], r
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=2, help="Jobs of each kind (default 2); the median is shown.")
-    parser.add_argument("--quick", action="store_true", help="One run of each kind.")
+    parser.add_argument("--quick", action="store_true", help="One run of each kind; does not write --docs.")
     parser.add_argument("--no-build", action="store_true", help="Do not (re)build the images.")
     parser.add_argument(
         "--docs", default=str(REPO / "docs" / "benchmarks.md"), help="Where the table goes ('' = none)."
     )
     args = parser.parse_args()
     if args.quick:
-        args.runs = 1
+        args.runs, args.docs = 1, ""
 
     target = demo.ensure_cluster(build_images=not args.no_build)
     had_release = demo.helm(target, "status", demo.RELEASE, "-n", demo.OPERATOR_NAMESPACE, check=False).returncode == 0
