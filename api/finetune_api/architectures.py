@@ -13,7 +13,7 @@ by ``save_pretrained`` leaves out values equal to the defaults).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 _LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -100,13 +100,17 @@ class Layout:
     embedding: int  # input embedding (and position/type tables): lookups, no matmul FLOPs
     other: int  # norms, biases outside linears, relative position tables
     lm_head: int  # untied output head parameters (0 when tied to the input embedding)
-    vectors: int = 0  # of `other`: 1-D parameters (norm weights and biases)
+    tables: tuple[tuple[int, int], ...] = ()  # 2-D weights outside the linears: embeddings, position tables
     cross_attention_layers: int = 0  # decoder blocks attending to the encoder
-    notes: dict[str, Any] = field(default_factory=dict)
 
     @property
     def parameters(self) -> int:
         return sum(lin.parameters for lin in self.linears) + self.embedding + self.other + self.lm_head
+
+    @property
+    def matrices(self) -> tuple[tuple[int, int], ...]:
+        """Every 2-D weight outside the linears, the untied LM head included."""
+        return self.tables + (((self.vocab, self.hidden),) if self.lm_head else ())
 
 
 def _get(config: dict[str, Any], defaults: dict[str, Any], *keys: str) -> Any:
@@ -155,7 +159,7 @@ def _gpt2(c: dict[str, Any]) -> Layout:
         v * h + p * h,
         norms,
         0 if tied else v * h,
-        vectors=norms,
+        tables=((v, h), (p, h)),
     )
 
 
@@ -191,7 +195,7 @@ def _bloom(c: dict[str, Any]) -> Layout:
         v * h,
         norms,
         0 if tied else v * h,
-        vectors=norms,
+        tables=((v, h),),
     )
 
 
@@ -231,7 +235,7 @@ def _gpt_neox(c: dict[str, Any]) -> Layout:
         v * h,
         norms,
         0 if tied else v * h,
-        vectors=norms,
+        tables=((v, h),),
     )
 
 
@@ -297,7 +301,7 @@ def _llama(c: dict[str, Any]) -> Layout:
     norms = (2 * n + 1) * h + (2 * n * hd if mt == "qwen3" else 0)
     tied = bool(_get(c, {"tie_word_embeddings": False}, "tie_word_embeddings"))
     return Layout(
-        mt, h, n, a, kv, hd, inter, v, p, False, tied, lins, v * h, norms, 0 if tied else v * h, vectors=norms
+        mt, h, n, a, kv, hd, inter, v, p, False, tied, lins, v * h, norms, 0 if tied else v * h, tables=((v, h),)
     )
 
 
@@ -350,7 +354,7 @@ def _t5(c: dict[str, Any]) -> Layout:
         v * h,
         other,
         0 if tied else v * h,
-        vectors=norms,
+        tables=((v, h), (buckets, a), (buckets, a)),
         cross_attention_layers=dec,
     )
 
@@ -383,7 +387,24 @@ def _bert(c: dict[str, Any]) -> Layout:
         Linear("dense", h, h, True, 1),  # pooler
     ]
     norms = (2 * n + 1) * 2 * h
-    return Layout(mt, h, n, a, a, h // a, inter, v, p, False, True, lins, (v + p + types) * h, norms, 0, vectors=norms)
+    return Layout(
+        mt,
+        h,
+        n,
+        a,
+        a,
+        h // a,
+        inter,
+        v,
+        p,
+        False,
+        True,
+        lins,
+        (v + p + types) * h,
+        norms,
+        0,
+        tables=((v, h), (p, h), (types, h)),
+    )
 
 
 def _distilbert(c: dict[str, Any]) -> Layout:
@@ -407,7 +428,7 @@ def _distilbert(c: dict[str, Any]) -> Layout:
     ]
     norms = (2 * n + 1) * 2 * h
     return Layout(
-        "distilbert", h, n, a, a, h // a, inter, v, p, False, True, lins, (v + p) * h, norms, 0, vectors=norms
+        "distilbert", h, n, a, a, h // a, inter, v, p, False, True, lins, (v + p) * h, norms, 0, tables=((v, h), (p, h))
     )
 
 
@@ -452,6 +473,13 @@ ENCODER_ONLY = frozenset({"bert", "roberta", "xlm-roberta", "distilbert", "deber
 
 def is_encoder_only(model_type: str) -> bool:
     return model_type in ENCODER_ONLY
+
+
+def classifier_matrices(model_type: str, hidden: int, labels: int) -> list[tuple[int, int]]:
+    """The 2-D weights of the *ForSequenceClassification head (the rest of it is biases)."""
+    if model_type in ("distilbert", "roberta"):
+        return [(hidden, hidden), (labels, hidden)]  # pre_classifier / dense, then the classifier
+    return [(labels, hidden)]
 
 
 def classifier_head(model_type: str, hidden: int, labels: int) -> int:

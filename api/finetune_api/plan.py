@@ -125,6 +125,7 @@ class ModelShape(ApiModel):
     linears: list[LinearShape] = []
     embedding_parameters: int = 0
     lm_head_parameters: int = 0
+    matrices: list[tuple[int, int]] = []  # 2-D weights outside the linears (embeddings, tables, untied head)
     cross_attention_layers: int = 0
     dropout: float = 0.0
     attention_dropout: float = 0.0
@@ -157,6 +158,7 @@ def model_shape(config: dict[str, Any]) -> ModelShape:
         ],
         embedding_parameters=lay.embedding,
         lm_head_parameters=lay.lm_head,
+        matrices=list(lay.matrices),
         cross_attention_layers=lay.cross_attention_layers,
         dropout=dropout,
         attention_dropout=attention_dropout,
@@ -258,7 +260,7 @@ def resolved_precision(spec: FineTuneJobSpec, gpu: GpuType, gpus: int) -> str:
     return str(p)
 
 
-def _optimizer_bytes(spec: FineTuneJobSpec, shape: ModelShape, trainable: int) -> float:
+def _optimizer_bytes(spec: FineTuneJobSpec, shape: ModelShape, trainable: int, data: DataStats | None) -> float:
     opt = Optimizer(spec.hyperparameters.optimizer)
     if opt == Optimizer.ADAMW:
         return 8.0 * trainable
@@ -266,17 +268,30 @@ def _optimizer_bytes(spec: FineTuneJobSpec, shape: ModelShape, trainable: int) -
         return 2.0 * trainable * (1 + 4 / 2048)  # two 8-bit moments + one fp32 absmax per 2048-block each
     if opt == Optimizer.SGD:
         return 0.0
-    # adafactor: factored second moment, rows + cols fp32 values per matrix; vectors in full.
+    # adafactor (no first moment): a factored second moment, rows + cols fp32 values per matrix; vectors in full.
+    linears = [(x.fan_in, x.fan_out, x.count) for x in shape.linears]
+    head = []
+    if spec.task == Task.CLASSIFICATION:
+        head = archs.classifier_matrices(shape.model_type, shape.hidden_size, num_labels(spec, data))
     if spec.method.type == MethodType.FULL:
-        mats = sum((x.fan_in + x.fan_out) * x.count for x in shape.linears)
-        mats += shape.vocab_size + shape.hidden_size  # embedding (and an untied head, roughly the same)
-        vectors = trainable - sum(x.fan_in * x.fan_out * x.count for x in shape.linears) - shape.embedding_parameters
-        return 4.0 * (mats + max(vectors - shape.lm_head_parameters, 0))
-    r = spec.method.rank
-    chosen = lora_targets(spec, shape.model_type)
-    return 4.0 * sum(
-        (x.fan_in + x.fan_out + 2 * r) * x.count for x in shape.linears if chosen == "all-linear" or x.name in chosen
-    )
+        tables = list(shape.matrices) + head
+        if spec.task == Task.CLASSIFICATION and shape.lm_head_parameters:
+            tables.remove((shape.vocab_size, shape.hidden_size))  # the classifier replaces the LM head
+        if spec.task == Task.CLASSIFICATION and shape.model_type == "roberta":
+            tables.remove((shape.hidden_size, shape.hidden_size))  # its dense replaces the pooler (a linear)
+    else:
+        chosen = lora_targets(spec, shape.model_type)
+        r = spec.method.rank
+        picked = [
+            (i, o, n)
+            for (i, o, n), x in zip(linears, shape.linears, strict=True)
+            if chosen == "all-linear" or x.name in chosen
+        ]
+        linears = [(i, r, n) for i, _, n in picked] + [(r, o, n) for _, o, n in picked]  # A and B
+        tables = head  # trained in full next to the adapters
+    factored = sum((i + o) * n for i, o, n in linears) + sum(rows + cols for rows, cols in tables)
+    matrix_weights = sum(i * o * n for i, o, n in linears) + sum(rows * cols for rows, cols in tables)
+    return 4.0 * (factored + max(trainable - matrix_weights, 0))  # biases, norms, heads: in full
 
 
 def _quantised_bytes(spec: FineTuneJobSpec, shape: ModelShape) -> tuple[float, int]:
@@ -361,7 +376,7 @@ def memory_bytes(
     grads = (2.0 if ds and mixed else 4.0) * trainable / (n if stage >= 2 else 1)
     if not ds and gpus > 1:
         grads *= 2  # DDP's gradient buckets
-    opt = _optimizer_bytes(spec, shape, trainable) + (4.0 * trainable if ds and mixed else 0.0)
+    opt = _optimizer_bytes(spec, shape, trainable, data) + (4.0 * trainable if ds and mixed else 0.0)
     opt /= n if stage >= 1 else 1
     if ds and ds.offload_optimizer:
         opt = 0.0

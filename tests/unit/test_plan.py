@@ -21,6 +21,7 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     PreTrainedModel,
+    TrainingArguments,
 )
 
 from finetune_api import plan
@@ -466,3 +467,54 @@ def test_a_job_nothing_can_fix_says_so() -> None:
     est = plan.estimate(spec, plan.model_shape(LLAMA_70B), plan.gpu_type("t4"), 1)
     assert not est.fits and est.fixes == []
     assert "none of the planner's fixes fits" in est.summary
+
+
+@pytest.mark.parametrize("optim", ["adamw", "adafactor", "sgd"])
+@pytest.mark.parametrize(
+    ("name", "task", "method"),
+    [
+        ("gpt2", "causal-lm", "full"),  # tied head, position table
+        ("llama", "causal-lm", "full"),  # untied head
+        ("llama", "causal-lm", "lora"),
+        ("t5", "seq2seq", "full"),  # relative-position tables
+        ("bert", "classification", "full"),  # position and type tables, classifier
+        ("bert", "classification", "lora"),  # adapters plus the classifier trained in full
+    ],
+)
+def test_optimizer_states_equal_the_trainers_optimizer(
+    name: str, task: str, method: str, optim: str, tmp_path: Path
+) -> None:
+    """The optimizer the HF Trainer builds for the spec (Trainer.get_optimizer_cls_and_kwargs), after one step."""
+    from transformers import Trainer
+
+    from finetune_trainer.train import OPTIMIZERS
+
+    extra = {"num_labels": 2} if task == "classification" else {}
+    config = _config(name, **extra)
+    model_cls = {"classification": AutoModelForSequenceClassification, "seq2seq": AutoModelForSeq2SeqLM}.get(
+        task, AutoModelForCausalLM
+    )
+    torch.manual_seed(0)
+    model = model_cls.from_config(config)
+    spec = _spec(task=task, **{"method.type": method, "hyperparameters.optimizer": optim, "resources.gpus": 0})
+    model = apply_method(model, spec, architecture(spec, resolve_spec(spec).training, config.model_type), False)
+    args = TrainingArguments(output_dir=str(tmp_path), optim=OPTIMIZERS[spec.hyperparameters.optimizer], report_to=[])
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = cls(trainable, **kwargs)
+    for p in trainable:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    measured = sum(
+        v.numel() * v.element_size()
+        for s in optimizer.state.values()
+        for v in s.values()
+        if isinstance(v, torch.Tensor)
+    )
+    labels = plan.DataStats(
+        samples=1, tokens=1, mean_length=1, p50_length=1, p95_length=1, max_length=1, truncated=0, labels=["x", "y"]
+    )
+    estimated = plan.memory_bytes(
+        spec, plan.model_shape(_config_json(config, tmp_path)), plan.GPU_CATALOG["cpu"], 0, labels
+    )["optimizer"]
+    assert estimated == pytest.approx(measured, rel=0.01, abs=4 * len(trainable))  # AdamW keeps a 4-byte step
