@@ -14,7 +14,8 @@ activation element: 2 in bf16/fp16, 4 in fp32):
   with doubleQuant an 8-bit absmax plus one fp32 constant per 256 blocks), the rest (embeddings, norms, head)
   upcast to fp32 by peft's prepare_model_for_kbit_training, the adapters fp32 (bitsandbytes keeps the 4-bit
   weights for the backward pass, so only the head and adapters get 16-bit copies). DeepSpeed in bf16/fp16 casts the
-  model to 16 bits: 2P (ZeRO-3: 2P/n, offloadParams: 0).
+  model to 16 bits: 2P (ZeRO-3: 2P/n, offloadParams: 0; plus the gathered weights of the running and the
+  prefetched block, or of the embedding when larger).
 * Gradients: 4T (DeepSpeed 16-bit: 2T; ZeRO-2/3: /n). Plain multi-GPU DDP keeps a second copy in its buckets.
 * Optimizer states per trainable parameter: adamw 8 bytes (two fp32 moments), adamw-8bit 2, sgd 0 (no
   momentum), adafactor 4 x (rows + cols) per matrix (factored second moment) and 4 per vector. DeepSpeed in
@@ -304,8 +305,9 @@ def _quantised_bytes(spec: FineTuneJobSpec, shape: ModelShape) -> tuple[float, i
     return 0.5 * q + consts, q
 
 
-def activation_bytes(spec: FineTuneJobSpec, shape: ModelShape, gpus: int, mixed: bool) -> float:
-    """Saved-for-backward bytes of one full batch (``finetune_api.activations``)."""
+def activation_bytes(spec: FineTuneJobSpec, shape: ModelShape, gpus: int, mixed: bool, deepspeed: bool) -> float:
+    """Saved-for-backward bytes of one full batch (``finetune_api.activations``); ``deepspeed``: the model itself
+    is cast to 16 bits (no autocast)."""
     hp = spec.hyperparameters
     seq = sequence_length(spec)
     full = spec.method.type == MethodType.FULL
@@ -325,7 +327,7 @@ def activation_bytes(spec: FineTuneJobSpec, shape: ModelShape, gpus: int, mixed:
         attention_dropout=shape.attention_dropout,
         gpu=gpus > 0,
         e=2 if mixed else 4,
-        autocast=mixed and (spec.deepspeed is None or spec.method.type == MethodType.QLORA),
+        autocast=mixed and (not deepspeed or spec.method.type == MethodType.QLORA),
         lm_loss=spec.task != Task.CLASSIFICATION,
         gated_mlp=shape.gated_mlp,
     )
@@ -373,6 +375,10 @@ def memory_bytes(
         weights += 2.0 * copies
     if ds and ds.offload_params:
         weights = 0.0
+    if ds and stage == 3:
+        # ZeRO-3 gathers each block's (and the embedding's) full weights while it runs, and prefetches the next.
+        block = sum(x.fan_in * x.fan_out * x.count for x in shape.linears) / max(shape.layers, 1)
+        weights += 2 * (2.0 if mixed else 4.0) * max(block, shape.vocab_size * shape.hidden_size)
     grads = (2.0 if ds and mixed else 4.0) * trainable / (n if stage >= 2 else 1)
     if not ds and gpus > 1:
         grads *= 2  # DDP's gradient buckets
@@ -380,7 +386,7 @@ def memory_bytes(
     opt /= n if stage >= 1 else 1
     if ds and ds.offload_optimizer:
         opt = 0.0
-    activations = activation_bytes(spec, shape, gpus, mixed)
+    activations = activation_bytes(spec, shape, gpus, mixed, ds is not None)
     base = weights + grads + opt + activations
     overhead = (GPU_OVERHEAD_GIB * GIB + FRAGMENTATION * base) if gpus > 0 else CPU_OVERHEAD_GIB * GIB
     return {

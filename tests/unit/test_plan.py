@@ -343,8 +343,10 @@ def test_a_70b_full_fine_tune_with_zero3_on_16_h100_is_sized_per_gpu() -> None:
     )
     est = plan.estimate(spec, shape, plan.gpu_type("h100"), 16)
     mem = est.memory
-    # ZeRO-3 in bf16: 16-bit weights and gradients, fp32 master + two Adam moments, each split 16 ways.
-    assert mem.weights_gib == pytest.approx(2 * p / 16 / GIB, abs=1e-3)
+    # ZeRO-3 in bf16: 16-bit weights and gradients, fp32 master + two Adam moments, each split 16 ways; the
+    # weights plus two gathered blocks (the one running and the one prefetched) in 16 bits.
+    block = sum(x.fan_in * x.fan_out * x.count for x in shape.linears) / 80
+    assert mem.weights_gib == pytest.approx((2 * p / 16 + 2 * 2 * block) / GIB, abs=1e-3)
     assert mem.gradients_gib == pytest.approx(2 * p / 16 / GIB, abs=1e-3)
     assert mem.optimizer_gib == pytest.approx(12 * p / 16 / GIB, abs=1e-3)
     assert est.fits and est.gpus == 16
