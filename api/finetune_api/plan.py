@@ -9,13 +9,12 @@ activation element: 2 in bf16/fp16, 4 in fp32):
 * Weights. The trainer loads weights in fp32 and autocasts (HF Trainer mixed precision): 4P, plus 2 bytes per
   weight used in a matrix multiply (the linears, the LM head, the adapters) for the 16-bit copies autocast makes
   and the backward pass keeps (trainable weights: autocast's cache; frozen ones: saved to compute the input's
-  gradient). qlora: 0.5 bytes per weight of
-  the quantised block linears plus their quantisation constants (blocks of 64: one fp32 absmax per block, or
-  with doubleQuant an 8-bit absmax plus one fp32 constant per 256 blocks), the rest (embeddings, norms, head)
-  upcast to fp32 by peft's prepare_model_for_kbit_training, the adapters fp32 (bitsandbytes keeps the 4-bit
-  weights for the backward pass, so only the head and adapters get 16-bit copies). DeepSpeed in bf16/fp16 casts the
-  model to 16 bits: 2P (ZeRO-3: 2P/n, offloadParams: 0; plus the gathered weights of the running and the
-  prefetched block, or of the embedding when larger).
+  gradient). qlora: 0.5 bytes per weight of the quantised block linears plus their quantisation constants
+  (blocks of 64: one fp32 absmax per block, or with doubleQuant an 8-bit absmax plus one fp32 constant per 256
+  blocks), the rest (embeddings, norms, head) upcast to fp32 by peft's prepare_model_for_kbit_training, the
+  adapters fp32 (bitsandbytes keeps the 4-bit weights for the backward pass, so only the head and adapters get
+  16-bit copies). DeepSpeed in bf16/fp16 casts the model to 16 bits: 2P (ZeRO-3: 2P/n, offloadParams: 0; plus
+  the gathered weights of the running and the prefetched block, or of the embedding when larger).
 * Gradients: 4T (DeepSpeed 16-bit: 2T; ZeRO-2/3: /n). Plain multi-GPU DDP keeps a second copy in its buckets.
 * Optimizer states per trainable parameter: adamw 8 bytes (two fp32 moments), adamw-8bit 2, sgd 0 (no
   momentum), adafactor 4 x (rows + cols) per matrix (factored second moment) and 4 per vector. DeepSpeed in
@@ -24,7 +23,11 @@ activation element: 2 in bf16/fp16, 4 in fp32):
   blockSize with packing): Korthikanti et al.'s per-layer accounting redone tensor by tensor for each
   architecture family as the Hugging Face implementations run it (``finetune_api.activations`` states the
   rules), plus the fp32 log-softmax over the vocabulary per target token. Gradient checkpointing keeps each
-  block's input plus one block being recomputed.
+  block's input plus one block being recomputed. Worked example, a Llama block (hidden h, intermediate I, a
+  heads) in full bf16 fine-tuning under autocast, per token: 34h + 8I + 4a + 8 bytes (fp32 norm inputs and
+  normalised tensors 16h; 16-bit input copies for q, k, v, gate and up 10h; q, k, v and the attention output
+  8h; SwiGLU's gate, silu and up and the down projection's input 8I; the log-sum-exp 4a; norm statistics 8),
+  where Korthikanti's GPT-3 count in pure 16 bits is 34h + 5as (GELU MLP of 4h, eager attention).
 * Overhead: 1 GiB per GPU for the CUDA context, cuBLAS workspaces and allocator slack, plus 5% of the rest for
   fragmentation (CPU jobs: 1 GiB for the interpreter and libraries). Not measured on CPU; stated.
 
