@@ -5,7 +5,7 @@ It takes the same resolved FineTuneJob YAML as the trainer, fetches the model's 
 split, tokenization), measures the data (:class:`finetune_api.plan.DataStats`) and sizes the job with
 :func:`finetune_api.plan.estimate` for the GPUs it will get:
 
-    FINETUNE_GPUS      GPUs per pod. Default: spec.resources.gpus, else 0 (a CPU job)
+    FINETUNE_GPUS      GPUs of the whole job (every worker's). Default: spec.resources.gpus x workers, else 0
     FINETUNE_GPU_TYPE  the GPU model (a finetune_api.plan.GPU_CATALOG name). Default: spec.resources.gpuType,
                        else h100 with GPUs and cpu without
 
@@ -58,10 +58,10 @@ class Preflight:
 
 def target(spec: FineTuneJobSpec, gpu_type: str | None = None, gpus: int | None = None) -> tuple[str, int]:
     """(GPU type, GPUs) to size for: the given values, else the spec's, else the defaults (module doc). A GPU
-    type named without a count means one GPU of it."""
+    type named without a count means one GPU of it. The count is the whole job's: GPUs per pod x workers."""
     named = gpu_type or getattr(spec.resources, "gpu_type", None)
-    if gpus is None:
-        gpus = spec.resources.gpus
+    if gpus is None and spec.resources.gpus is not None:
+        gpus = spec.resources.gpus * spec.resources.workers
     if gpus is None:
         gpus = 1 if gpu_type and gpu_type != "cpu" else 0
     if gpus == 0:
