@@ -61,8 +61,11 @@ def _main(argv: list[str], args: argparse.Namespace) -> int:
     # Heavy imports after argument parsing: `--help` stays instant.
     from finetune_trainer.distributed import is_main_process, launch_per_gpu, record_exit_code, should_launch_per_gpu
 
-    if should_launch_per_gpu():
-        return launch_per_gpu(argv, workdir)
+    if should_launch_per_gpu():  # several GPUs, or one worker of a gang: torchrun, and its ranks' exit code
+        code = launch_per_gpu(argv, workdir)
+        if code == EXIT_USER_ERROR:
+            hold_after_user_error()
+        return code
 
     from finetune_trainer.config import load_job
     from finetune_trainer.reporting import Reporter
@@ -72,7 +75,7 @@ def _main(argv: list[str], args: argparse.Namespace) -> int:
     main_process = is_main_process()
     reporter = Reporter(enabled=main_process)
     code = run_reported(reporter, lambda: run(load_job(args.config), reporter, workdir), main_process)
-    record_exit_code(code)
+    record_exit_code(code, reporter.last_error if code != EXIT_OK else None)
     sys.stdout.flush()
     if code == EXIT_USER_ERROR and main_process:
         hold_after_user_error()

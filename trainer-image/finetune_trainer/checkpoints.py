@@ -7,6 +7,13 @@ result: killing the trainer at any instant loses at most the progress since the 
 
 Uploads run in one background thread (training continues) from a hard-linked snapshot of the checkpoint
 directory, because the Trainer may rotate (delete) its local copy while the upload is still running.
+
+Gangs (several pods, ``distributed``): every pod's scratch dir holds only its own ranks' part of a checkpoint
+(ZeRO optimizer shards ``global_stepN/*zero_pp_rank_R*``, ``rng_state_R.pth``). Each worker k > 0 uploads
+its part, then ``_NODE-k`` naming this run; worker 0 uploads its part, waits for every ``_NODE-k`` of this
+run, and only then writes ``_COMPLETE``. Worker 0 deletes the partial uploads of earlier gangs at start, so
+nobody deletes a prefix while another worker uploads into it. On resume, global rank 0 picks the step and
+every worker downloads that whole checkpoint (``resume_point``).
 """
 
 from __future__ import annotations
@@ -16,16 +23,21 @@ import os
 import re
 import shutil
 import threading
+import time
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from finetune_trainer import distributed
 from finetune_trainer.reporting import Reporter
-from finetune_trainer.storage import Storage, StorageNotFound, StorageUserError, join_uri
+from finetune_trainer.storage import FileRecord, Storage, StorageNotFound, StorageUserError, join_uri
 
 MARKER = "_COMPLETE"
+NODE_MARKER = "_NODE-{}"  # worker k's part of a gang checkpoint is uploaded
+NODE_POLL_S = 0.5
 _STEP_DIR = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -71,6 +83,8 @@ def _download(storage: Storage, output_uri: str, step: int, local_root: Path) ->
         shutil.rmtree(dest)
     storage.download_prefix(checkpoint_uri(output_uri, step), dest)
     (dest / MARKER).unlink(missing_ok=True)
+    for node_marker in dest.glob(NODE_MARKER.format("*")):
+        node_marker.unlink()
     return dest
 
 
@@ -83,26 +97,29 @@ def _owner_of(storage: Storage, output_uri: str, step: int) -> str | None:
     return str(owner) if owner else None
 
 
-def download_latest(storage: Storage, output_uri: str, local_root: Path, owner: str | None = None) -> Path | None:
-    """Download the newest complete checkpoint into ``local_root`` (the Trainer's output_dir) for resuming.
+def latest_complete(storage: Storage, output_uri: str, owner: str | None = None) -> int | None:
+    """The newest complete checkpoint's step. With ``owner`` (the FineTuneJob's UID) only checkpoints written
+    by that job count: a job that reuses the output.uri of a deleted job of the same name must start afresh,
+    not "resume" someone else's finished run. Checkpoints without an owner (`finetune run`) count for anyone."""
+    complete, _ = remote_steps(storage, output_uri)
+    if owner is not None:
+        complete = [s for s in complete if _owner_of(storage, output_uri, s) in (None, owner)]
+    return complete[-1] if complete else None
 
-    With ``owner`` (the FineTuneJob's UID) only checkpoints written by that job count: a job that reuses the
-    output.uri of a deleted job of the same name must start afresh, not "resume" someone else's finished run.
-    Checkpoints without an owner (written by `finetune run`) are accepted by anyone.
+
+def download_step(storage: Storage, output_uri: str, step: int, local_root: Path) -> Path:
+    """Download checkpoint ``step`` into ``local_root`` (the Trainer's output_dir) for resuming.
+
     The best checkpoint is downloaded too when it is another one, so load_best_model_at_end still works
     after a resume; trainer_state.json is pointed at the local copies (it holds the previous pod's paths).
     """
     complete, _ = remote_steps(storage, output_uri)
-    if owner is not None:
-        complete = [s for s in complete if _owner_of(storage, output_uri, s) in (None, owner)]
-    if not complete:
-        return None
-    latest = _download(storage, output_uri, complete[-1], local_root)
+    latest = _download(storage, output_uri, step, local_root)
     state_file = latest / "trainer_state.json"
     if state_file.is_file():
         state = json.loads(state_file.read_text(encoding="utf-8"))
         best = step_of(state.get("best_model_checkpoint"))
-        if best is not None and best != complete[-1]:
+        if best is not None and best != step:
             if best in complete:
                 try:
                     state["best_model_checkpoint"] = str(_download(storage, output_uri, best, local_root))
@@ -114,6 +131,36 @@ def download_latest(storage: Storage, output_uri: str, local_root: Path, owner: 
             state["best_model_checkpoint"] = str(latest)
         state_file.write_text(json.dumps(state, indent=2), encoding="utf-8")
     return latest
+
+
+def download_latest(storage: Storage, output_uri: str, local_root: Path, owner: str | None = None) -> Path | None:
+    """Download the newest complete checkpoint (``latest_complete``) into ``local_root`` (``download_step``)."""
+    step = latest_complete(storage, output_uri, owner)
+    return None if step is None else download_step(storage, output_uri, step, local_root)
+
+
+def resume_point(storage: Storage, output_uri: str, local_root: Path, owner: str | None) -> tuple[Path | None, str]:
+    """(the local checkpoint to resume from, this run's id), the same step on every rank of every worker.
+
+    Global rank 0 picks the newest complete checkpoint (and, in a gang, deletes earlier gangs' partial
+    uploads); the choice is broadcast; local rank 0 of each worker empties ``local_root`` (the remote
+    checkpoints are the only truth) and downloads that checkpoint; the other ranks wait for it."""
+    step: int | None = None
+    run_id = uuid.uuid4().hex
+    if distributed.is_main_process():
+        step = latest_complete(storage, output_uri, owner)
+        if distributed.nodes() > 1:
+            for partial in remote_steps(storage, output_uri)[1]:
+                storage.delete_prefix(checkpoint_uri(output_uri, partial))
+    step, run_id = distributed.broadcast_from_main((step, run_id))
+    local = None if step is None else local_root / f"checkpoint-{step}"
+    if distributed.is_local_main():
+        shutil.rmtree(local_root, ignore_errors=True)
+        local_root.mkdir(parents=True, exist_ok=True)
+        if step is not None:
+            local = download_step(storage, output_uri, step, local_root)
+    distributed.wait_for_peers()
+    return local, run_id
 
 
 def _snapshot(src: Path, dest: Path) -> None:
@@ -152,8 +199,13 @@ class CheckpointUploader(TrainerCallback):
         staging: Path,
         enabled: bool = True,
         owner: str | None = None,
+        node: int = 0,
+        nodes: int = 1,
+        run_id: str = "",
     ) -> None:
         self.owner = owner  # the FineTuneJob UID, recorded in each marker (see download_latest)
+        self.node, self.nodes, self.run_id = node, nodes, run_id  # a gang's worker (see the module doc)
+        self.node_wait_s = distributed.collective_timeout().total_seconds()
         self.storage = storage
         self.output_uri = output_uri
         self.keep = keep
@@ -169,14 +221,22 @@ class CheckpointUploader(TrainerCallback):
     # ---- Trainer hooks ----------------------------------------------------------------------------------
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        if not self.enabled or not state.is_world_process_zero:
+        if not self.enabled or not state.is_local_process_zero:
             return
         self.raise_failed()
         step = state.global_step
         src = Path(str(args.output_dir)) / f"checkpoint-{step}"
+        snap = self.staging / f"checkpoint-{step}"
+        if self.node > 0:  # a gang's worker k: its ranks' part, even when empty (worker 0 waits for the marker)
+            if src.is_dir():
+                _snapshot(src, snap)
+            else:
+                snap.mkdir(parents=True, exist_ok=True)
+            self._drop_local(Path(str(args.output_dir)), step)
+            self._futures.append(self._executor.submit(self._upload_part, step, snap))
+            return
         if not src.is_dir():
             return
-        snap = self.staging / f"checkpoint-{step}"
         _snapshot(src, snap)
         with self._lock:
             self._best = step_of(state.best_model_checkpoint)
@@ -189,9 +249,12 @@ class CheckpointUploader(TrainerCallback):
 
     def _upload(self, step: int, snap: Path, metrics: dict[str, float]) -> None:
         uri = checkpoint_uri(self.output_uri, step)
-        # Leftovers of an upload of this step that a killed attempt left behind (no marker) go first.
-        self.storage.delete_prefix(uri)
+        if self.nodes == 1:
+            # Leftovers of an upload of this step that a killed attempt left behind (no marker) go first.
+            # (A gang's worker 0 deleted them at start: other workers may be uploading into this prefix now.)
+            self.storage.delete_prefix(uri)
         records = self.storage.upload_dir(snap, uri)
+        records += self._wait_for_nodes(uri)
         marker = {
             "step": step,
             "files": [{"path": r.path, "size": r.size, "sha256": r.sha256} for r in records],
@@ -203,6 +266,44 @@ class CheckpointUploader(TrainerCallback):
         self.reporter.checkpoint(step, uri, metrics)
         shutil.rmtree(snap, ignore_errors=True)
         self._rotate()
+
+    def _upload_part(self, step: int, snap: Path) -> None:
+        """Worker k > 0 of a gang: its ranks' files, then its marker naming this run."""
+        uri = checkpoint_uri(self.output_uri, step)
+        records = self.storage.upload_dir(snap, uri)
+        part = {"run": self.run_id, "files": [{"path": r.path, "size": r.size, "sha256": r.sha256} for r in records]}
+        self.storage.write_text(join_uri(uri, NODE_MARKER.format(self.node)), json.dumps(part))
+        self.uploaded.append(step)
+        shutil.rmtree(snap, ignore_errors=True)
+
+    def _wait_for_nodes(self, uri: str) -> list[FileRecord]:
+        """Worker 0 of a gang: the records of every other worker's part of this run's checkpoint at ``uri``."""
+        records: list[FileRecord] = []
+        deadline = time.monotonic() + self.node_wait_s
+        for node in range(1, self.nodes):
+            while (part := self._node_part(uri, node)) is None:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"worker {node} did not upload its part of {uri} in {self.node_wait_s:.0f} s")
+                time.sleep(NODE_POLL_S)
+            records += part
+        return records
+
+    def _node_part(self, uri: str, node: int) -> list[FileRecord] | None:
+        """Worker ``node``'s uploaded files, once its marker of THIS run is there (an older gang's may linger)."""
+        try:
+            part = json.loads(self.storage.read_text(join_uri(uri, NODE_MARKER.format(node))))
+        except (StorageNotFound, ValueError):
+            return None
+        if not isinstance(part, dict) or part.get("run") != self.run_id:
+            return None
+        return [FileRecord(f["path"], f["size"], f["sha256"], join_uri(uri, f["path"])) for f in part["files"]]
+
+    def _drop_local(self, output_dir: Path, step: int) -> None:
+        """Worker k > 0: the Trainer rotates only worker 0's local checkpoints; drop this worker's older parts."""
+        for old in output_dir.glob("checkpoint-*"):
+            old_step = step_of(old)
+            if old_step is not None and old_step < step:
+                shutil.rmtree(old, ignore_errors=True)
 
     def _rotate(self) -> None:
         """Keep the newest ``keep`` complete checkpoints and the best one; drop older partial uploads."""

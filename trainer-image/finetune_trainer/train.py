@@ -26,9 +26,9 @@ from transformers import EarlyStoppingCallback, PreTrainedModel, Trainer, Traini
 from finetune_api.resolve import ResolvedTraining
 from finetune_api.spec import FineTuneJobSpec, MethodType, Optimizer, Task
 from finetune_api.status import FineTuneJob
-from finetune_trainer import evaluate, interrupt
+from finetune_trainer import distributed, evaluate, interrupt
 from finetune_trainer.batching import GROUP_BY_LENGTH, FineTuneTrainer
-from finetune_trainer.checkpoints import CheckpointUploader, checkpoint_uri, download_latest, remote_steps, step_of
+from finetune_trainer.checkpoints import CheckpointUploader, checkpoint_uri, remote_steps, resume_point, step_of
 from finetune_trainer.config import UserError, architecture, resolve_job
 from finetune_trainer.data import DataError, PreparedData, make_collator, prepare_data
 from finetune_trainer.distributed import deepspeed_config, ensure_single_process_env, is_main_process
@@ -89,16 +89,13 @@ class Inputs:
 
 
 def _init_distributed() -> None:
-    """Several processes (torchrun): join the process group now, so rank 0 can download while others wait."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    """Several processes (torchrun, one pod or a gang): join the process group now, with a collective timeout,
+    so each pod's local rank 0 can download while the others wait."""
+    distributed.init_process_group()
 
 
 def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    distributed.wait_for_peers()
 
 
 # ---- stages --------------------------------------------------------------------------------------------------
@@ -374,10 +371,11 @@ def run(job: FineTuneJob, reporter: Reporter, workdir: Path) -> Outcome:
         if main:
             # Before a possibly long download: an output that cannot be written fails now, as a user error.
             storage.check_writable(spec.output.uri)
+        if distributed.is_local_main():  # every pod of a gang fills its own node-local cache
             inputs = fetch_inputs(storage, spec, cache)
         _barrier()
-        if not main:
-            inputs = fetch_inputs(storage, spec, cache)  # cache hits: rank 0 fetched everything
+        if not distributed.is_local_main():
+            inputs = fetch_inputs(storage, spec, cache)  # cache hits: local rank 0 fetched everything
 
     with stages("preparing"):
         arch = architecture(spec, resolved, model_type_of(inputs.model))
@@ -404,23 +402,19 @@ def run(job: FineTuneJob, reporter: Reporter, workdir: Path) -> Outcome:
     with stages("preparing", message="method and checkpoint"):
         model = apply_method(model, spec, arch, spec.hyperparameters.gradient_checkpointing)
         trainable, total = parameter_counts(model)
-        resume: Path | None = None
-        if main:
-            shutil.rmtree(output_dir, ignore_errors=True)  # the remote checkpoints are the only truth
-            output_dir.mkdir(parents=True, exist_ok=True)
-            resume = download_latest(storage, spec.output.uri, output_dir, owner=job.metadata.uid)
-        _barrier()
-        if not main:
-            local = sorted(output_dir.glob("checkpoint-*"), key=lambda p: step_of(p) or 0)
-            resume = local[-1] if local else None
+        # The same newest complete checkpoint on every rank of every pod (each pod downloads its own copy).
+        resume, run_id = resume_point(storage, spec.output.uri, output_dir, owner=job.metadata.uid)
         uploader = CheckpointUploader(
             storage,
             spec.output.uri,
             spec.checkpoints.keep,
             reporter,
             workdir / "staging",
-            enabled=main,
+            enabled=distributed.is_local_main(),  # a gang's other pods upload their ranks' part of each checkpoint
             owner=job.metadata.uid,
+            node=distributed.node_rank(),
+            nodes=distributed.nodes(),
+            run_id=run_id,
         )
         progress = ProgressCallback(reporter)
         stop_on_signal = StopOnSignal(reporter)
