@@ -236,19 +236,19 @@ def _losses(run: Run) -> dict[int, float]:
     return dict(run.losses)
 
 
-# Measured (see the report / docs): the 2-pod and 1-pod losses differ only by float summation order (DDP
-# averages two 4-row means, one process takes one 8-row mean; gloo's all-reduce adds in another order). Over
-# 20 steps of a tiny model at lr 3e-3 that drift stays far below 1e-3 relative; a wrong data split (another
-# global batch), a missing gradient average or a rank training alone moves the loss by percents.
+# Measured (DDP, ZeRO-2 and ZeRO-3 alike): steps 1-8 agree to 1e-7, then float summation order (two 4-row
+# means averaged by gloo's all-reduce vs one 8-row mean) drifts through Adam to at most 3.9e-4 relative at
+# step 20 (4.17654 vs 4.17491). Other global batches (measured in 1 pod: another data order, seed 8; or a batch
+# of 4, like a rank training alone) are 0.8-0.9% off by step 4 already, so 2e-3 (5x the drift) tells them apart.
 LOSS_RTOL = 2e-3
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["ddp", "zero2"])
+@pytest.mark.parametrize("engine", ["ddp", "zero2", "zero3"])
 def test_two_pods_train_like_one_pod_with_the_same_global_batch(env: Env, gangs: Gangs, engine: str) -> None:
-    """2 pods x batch 4 per device (DDP or DeepSpeed ZeRO-2 over gloo) against 1 pod x batch 8, same seed: both
+    """2 pods x batch 4 per device (DDP, DeepSpeed ZeRO-2 or ZeRO-3 over gloo) against 1 pod x batch 8, same seed: both
     workers exit 0, rank 0 alone writes the final model and the manifest (once), and the loss curves agree."""
-    extra = {"deepspeed": {"stage": 2}} if engine == "zero2" else {}
+    extra = {"deepspeed": {"stage": int(engine[-1])}} if engine.startswith("zero") else {}
     single = env.run(_spec(env, 8, **extra), workdir="single")
     assert_succeeded(single)
     env.out = f"s3://{env.bucket}/runs/gang"  # a fresh output (the 1-pod run's checkpoints would be resumed)
@@ -266,7 +266,7 @@ def test_two_pods_train_like_one_pod_with_the_same_global_batch(env: Env, gangs:
     # Both workers' ranks are in the final checkpoint (ZeRO: each rank's optimizer shard; RNG states).
     ckpt = env.store.list_prefix(f"{env.out}/checkpoints/checkpoint-20")
     assert {"rng_state_0.pth", "rng_state_1.pth", "_NODE-1", "_COMPLETE"} <= set(ckpt), ckpt
-    if engine == "zero2":
+    if engine != "ddp":
         shards = [p for p in ckpt if "zero_pp_rank_" in p]
         assert any("zero_pp_rank_0_" in p for p in shards) and any("zero_pp_rank_1_" in p for p in shards), ckpt
     # The same global batches and the same averaged gradients: the curves match step by step.
