@@ -85,7 +85,9 @@ def test_upload_download_roundtrip_records_sha256(store: Storage, bucket: str, s
 
 def test_multipart_transfer_both_ways(s3_server, bucket: str, tmp_path: Path) -> None:
     # 5 MiB is S3's minimum part size; 11 MiB -> 3 parts up, 3 ranged GETs down.
-    store = Storage(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB, max_concurrency=2)
+    store = Storage(
+        multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB, max_concurrency=2, download_chunksize=5 * MiB
+    )
     data = os.urandom(11 * MiB)
     src = tmp_path / "big.bin"
     src.write_bytes(data)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 
 from finetune_api.spec import FineTuneJobSpec, Task
 from finetune_trainer.formats import (
@@ -46,6 +47,7 @@ from finetune_trainer.formats import (
     task_sample,
 )
 from finetune_trainer.splits import split_rows
+from finetune_trainer.tokens import blocks_dataset, encode_plain, token_stream
 
 __all__ = [
     "FALLBACK_CHAT_TEMPLATE",
@@ -214,6 +216,8 @@ def _label_ids(train: _Part, val: _Part | None, declared: list[str] | None) -> l
 
 def _encode(tokenizer: Any, texts: Sequence[str], target: bool = False, **kwargs: Any) -> list[list[int]]:
     """Batched tokenization (the fast tokenizers work on a whole batch in Rust)."""
+    if not target and kwargs == {"add_special_tokens": False}:
+        return encode_plain(tokenizer, texts)  # the same ids, on every core
     out: list[list[int]] = []
     for start in range(0, len(texts), 1000):
         chunk = list(texts[start : start + 1000])
@@ -243,25 +247,23 @@ def _eos(tokenizer: Any) -> list[int]:
     return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
 
-def _causal(part: _Part, tok: Any, spec: FineTuneJobSpec, stats: dict[str, Any]) -> dict[str, list[Any]]:
+def _causal(part: _Part, tok: Any, spec: FineTuneJobSpec, stats: dict[str, Any]) -> dict[str, Any]:
     lead, eos = _leading_specials(tok), _eos(tok)
-    seqs = [lead + ids + eos for ids in _encode(tok, [s["text"] for s in part.samples], add_special_tokens=False)]
-    _record_lengths(stats, [len(ids) for ids in seqs])
+    ids = _encode(tok, [s["text"] for s in part.samples], add_special_tokens=False)
     hp = spec.hyperparameters
-    if _packing(spec):
-        block = _block_size(spec)
-        stream = [t for ids in seqs for t in ids]
-        usable = len(stream) - len(stream) % block
-        seqs = [stream[i : i + block] for i in range(0, usable, block)]
-        stats["tokens_dropped_by_packing"] = stats.get("tokens_dropped_by_packing", 0) + len(stream) - usable
-        if not seqs and stream:  # the whole split is shorter than one block: keep it as one shorter block
-            seqs = [stream]
-            stats["tokens_dropped_by_packing"] -= len(stream)
+    if _packing(spec):  # one stream, cut into equal blocks in numpy (tokens.py); rows of a 2-d array
+        stream = token_stream(ids, lead, eos)
+        _record_lengths(stats, stream.lengths.tolist())
+        blocks, dropped = stream.blocks(_block_size(spec))
+        stats["tokens_dropped_by_packing"] = stats.get("tokens_dropped_by_packing", 0) + dropped
+        if blocks.shape[1] < _block_size(spec) and blocks.size:  # the whole split is shorter than one block
             stats["short_block"] = True
-    else:
-        stats["truncated"] += sum(len(ids) > hp.max_seq_length for ids in seqs)
-        seqs = [ids[: hp.max_seq_length] for ids in seqs]
-    return {"input_ids": seqs, "labels": [list(ids) for ids in seqs]}
+        return {"input_ids": blocks, "labels": blocks}
+    seqs = [lead + x + eos for x in ids]
+    _record_lengths(stats, [len(x) for x in seqs])
+    stats["truncated"] += sum(len(x) > hp.max_seq_length for x in seqs)
+    seqs = [x[: hp.max_seq_length] for x in seqs]
+    return {"input_ids": seqs, "labels": [list(x) for x in seqs]}
 
 
 def _instruction(part: _Part, tok: Any, spec: FineTuneJobSpec, stats: dict[str, Any]) -> dict[str, list[Any]]:
@@ -458,17 +460,18 @@ def prepare_data(
             continue
         cols = encode(part, tokenizer, spec, stats)
         lengths[role] = stats.pop(_LENGTHS, [])
+        blocks = cols["input_ids"] if isinstance(cols["input_ids"], np.ndarray) else None  # causal-lm packing
         if _sample_packing(spec):
             stats[f"{role}_samples_packed"] = len(cols["input_ids"])
             cols = _pack_samples(cols, _block_size(spec), stats)
-        else:
+        elif blocks is None:
             cols["attention_mask"] = [[1] * len(ids) for ids in cols["input_ids"]]
-        if not cols["input_ids"]:
+        if not len(cols["input_ids"]):
             raise DataError(f"{part.table.name}: no {role} samples left after tokenization")
         stats[f"{role}_rows"] = len(part.samples)
         stats[f"{role}_samples"] = len(cols["input_ids"])
-        stats[f"{role}_tokens"] = sum(len(ids) for ids in cols["input_ids"])
-        out[role] = datasets.Dataset.from_dict(cols)
+        stats[f"{role}_tokens"] = blocks.size if blocks is not None else sum(len(ids) for ids in cols["input_ids"])
+        out[role] = blocks_dataset(blocks) if blocks is not None else datasets.Dataset.from_dict(cols)
     if label_names is not None:
         stats["num_labels"] = len(label_names)
         counts = Counter(s["label"] for s in train.samples)

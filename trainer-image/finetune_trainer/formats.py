@@ -231,6 +231,14 @@ def clean_text(value: str) -> str:
 
     Newlines are kept: they carry structure in code, poetry and multi-paragraph posts.
     """
+    if value.isprintable() and "  " not in value and value[:1] != " " and value[-1:] != " ":
+        # Already clean (the common case, without the regexes): every whitespace character but the ASCII space
+        # is unprintable, and single inner spaces are what cleaning leaves.
+        return value
+    return _clean(value)
+
+
+def _clean(value: str) -> str:
     lines = (_SPACE.sub(" ", line).strip() for line in value.replace("\r\n", "\n").split("\n"))
     return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
 

@@ -45,6 +45,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -96,6 +97,7 @@ CREDENTIAL_CODES = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "In
 NOT_WRITABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 
 T = TypeVar("T")
+A = TypeVar("A")
 
 
 class StorageError(RuntimeError):
@@ -272,9 +274,11 @@ class Storage:
         retry_deadline: float = 300.0,
         connect_deadline: float = 20.0,
         connect_timeout: float = 5.0,
-        multipart_threshold: int = 64 * MiB,
-        multipart_chunksize: int = 64 * MiB,
-        max_concurrency: int = 8,
+        multipart_threshold: int = 8 * MiB,
+        multipart_chunksize: int = 8 * MiB,
+        max_concurrency: int = 10,
+        download_chunksize: int = 64 * MiB,
+        file_concurrency: int = 8,
     ) -> None:
         self.endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         self.region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
@@ -291,12 +295,23 @@ class Storage:
             retries={"max_attempts": max_attempts, "mode": retry_mode},
             connect_timeout=connect_timeout,
             read_timeout=120,
+            # a large file's parts and the other files in flight each hold a connection
+            max_pool_connections=max(10, max_concurrency + file_concurrency),
             # S3-compatible stores (MinIO, Ceph, moto) are usually addressed by path, not virtual host.
             s3={"addressing_style": "path"} if self.endpoint else {},
         )
+        self.file_concurrency = file_concurrency
+        # Uploads: boto3's own part size and threads (s3transfer raises the part size itself for files beyond
+        # 10,000 parts). Downloads: fewer, larger ranged GETs, which were 2-3x faster on the S3 bench
+        # (docs/benchmarks.md, bench-storage) and cost a store nothing more.
         self.transfer = TransferConfig(
             multipart_threshold=multipart_threshold,
             multipart_chunksize=multipart_chunksize,
+            max_concurrency=max_concurrency,
+        )
+        self.download_transfer = TransferConfig(
+            multipart_threshold=download_chunksize,
+            multipart_chunksize=download_chunksize,
             max_concurrency=max_concurrency,
         )
         self._client: S3Client | None = None
@@ -477,7 +492,7 @@ class Storage:
                     self._call(
                         uri,
                         "download",
-                        lambda: self.client.download_file(bucket, loc.key, str(tmp), Config=self.transfer),
+                        lambda: self.client.download_file(bucket, loc.key, str(tmp), Config=self.download_transfer),
                     )
                 except (ClientError, BotoCoreError, RetriesExceededError) as exc:
                     raise self._error(_unwrap(exc), uri, "download") from None  # type: ignore[arg-type]
@@ -645,25 +660,36 @@ class Storage:
         rels = self.list_prefix(uri)
         if not rels:
             raise StorageNotFound(f"download {uri}: no files under this prefix; check the path")
-        out = []
+        targets = []
         for rel in rels:
             target = (dest_dir / rel).resolve()
             if not target.is_relative_to(dest_dir.resolve()):  # a key like "../x" must not escape dest_dir
                 raise StorageError(f"download {uri}: refusing key {rel!r} that points outside {dest_dir}")
-            out.append(self.download_file(join_uri(uri, rel), target))
-        return out
+            targets.append((join_uri(uri, rel), target))
+        return self._each(lambda item: self.download_file(*item), targets)
 
     def upload_dir(self, local_dir: str | Path, uri: str) -> list[FileRecord]:
         """Upload every file under ``local_dir`` to ``uri``; records carry paths relative to ``local_dir``."""
         local_dir = Path(local_dir)
         if not local_dir.is_dir():
             raise StorageNotFound(f"upload {uri}: local directory {local_dir} does not exist")
-        records = []
-        for path in _walk_files(local_dir):
+
+        def one(path: Path) -> FileRecord:
             rel = path.relative_to(local_dir).as_posix()
             rec = self.upload_file(path, join_uri(uri, rel))
-            records.append(FileRecord(path=rel, size=rec.size, sha256=rec.sha256, uri=rec.uri))
-        return records
+            return FileRecord(path=rel, size=rec.size, sha256=rec.sha256, uri=rec.uri)
+
+        return self._each(one, list(_walk_files(local_dir)))
+
+    def _each(self, fn: Callable[[A], T], items: list[A]) -> list[T]:
+        """``[fn(x) for x in items]`` with up to ``file_concurrency`` files in flight (a model or checkpoint is
+        one large file and many small ones: the small ones would otherwise wait one round trip each). Every
+        call has finished when this returns; the first failure, in item order, is raised."""
+        if self.file_concurrency <= 1 or len(items) <= 1:
+            return [fn(x) for x in items]
+        with ThreadPoolExecutor(min(self.file_concurrency, len(items)), thread_name_prefix="storage") as pool:
+            futures = [pool.submit(fn, x) for x in items]
+        return [f.result() for f in futures]
 
     def delete_prefix(self, uri: str) -> int:
         """Delete every file under ``uri``; returns how many were deleted."""
