@@ -99,6 +99,36 @@ def test_record_exit_code_names_the_rank(tmp_path: Path, monkeypatch: Any) -> No
     assert chosen.error.message == "rank 3 (worker 1 of 2): m" and chosen.error.reason == "DataInvalid"
 
 
+def test_worker_0_completes_a_checkpoint_only_with_every_part_of_this_run(s3_server: Any, tmp_path: Path) -> None:
+    """Against the real S3 endpoint, without training: a ``_NODE-1`` left by an earlier gang does not count;
+    worker 1's marker of this run does (its files go into the ``_COMPLETE`` record); none in time is an error."""
+    from finetune_trainer.checkpoints import MARKER, CheckpointUploader, checkpoint_uri
+    from finetune_trainer.reporting import Reporter
+    from finetune_trainer.storage import Storage
+
+    store, out = Storage(), f"s3://{s3_server.make_bucket()}/runs/job"
+    uri = checkpoint_uri(out, 10)
+    part = tmp_path / "part"
+    (part / "global_step10").mkdir(parents=True)
+    (part / "global_step10" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"shard of rank 1")
+    worker1 = CheckpointUploader(store, out, 2, Reporter(enabled=False), tmp_path / "s1", node=1, nodes=2, run_id="new")
+    store.write_text(f"{uri}/_NODE-1", json.dumps({"run": "old", "files": []}))  # an earlier gang's
+    worker0 = CheckpointUploader(store, out, 2, Reporter(enabled=False), tmp_path / "s0", nodes=2, run_id="new")
+    assert worker0._node_part(uri, 1) is None
+    worker0.node_wait_s = 1.0
+    with pytest.raises(RuntimeError, match="worker 1 did not upload its part"):
+        worker0._wait_for_nodes(uri)
+
+    worker1._upload_part(10, part)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "rng_state_0.pth").write_bytes(b"rng 0")
+    worker0._upload(10, mine, {})
+    marker = json.loads(store.read_text(f"{uri}/{MARKER}"))
+    paths = {f["path"] for f in marker["files"]}
+    assert paths == {"rng_state_0.pth", "global_step10/zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+
+
 # ---- real gangs ----------------------------------------------------------------------------------------------
 
 
