@@ -57,6 +57,28 @@ MODELS = {
     "tiny-llama": "llama",
 }
 JOB_TIMEOUT_S = 600
+# Models the GPU example names, stored as config.json and a tokenizer only (never weights): enough for the
+# preflight to check the data and size the job on CPU (finetune_api.plan), which is all a GPU-less cluster can do.
+# The shape is Llama-2-7B's published config; the tokenizer is tiny-llama's.
+CONFIG_ONLY_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama-2-7b": (
+        "tiny-llama",
+        {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": 4096,
+            "intermediate_size": 11008,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 32,
+            "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-05,
+            "vocab_size": 32000,
+            "tie_word_embeddings": False,
+            "torch_dtype": "float16",
+        },
+    ),
+}
 
 
 class DemoError(Exception):
@@ -227,6 +249,14 @@ def seed_storage(target: Target, models: Sequence[str] = ("tiny-gpt-neox",)) -> 
         uri = f"s3://{BUCKET}/models/{name}/"
         if not store.exists(join_uri(uri, "config.json")):
             uploaded["models"] += len(store.upload_dir(local, uri))
+    for name, (tokenizer_of, config) in CONFIG_ONLY_MODELS.items():
+        uri = f"s3://{BUCKET}/models/{name}/"
+        if tokenizer_of in built and not store.exists(join_uri(uri, "config.json")):
+            for path in sorted(built[tokenizer_of].iterdir()):
+                if path.name.startswith("tokenizer") or path.name.endswith(".jinja"):
+                    store.upload_file(path, join_uri(uri, path.name))
+            store.write_text(join_uri(uri, "config.json"), json.dumps(config, indent=2))
+            uploaded["models"] += 1
     for path in sorted(data_dir.iterdir()):
         uri = f"s3://{BUCKET}/data/{path.name}"
         if not store.exists(uri):

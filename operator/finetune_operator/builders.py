@@ -263,7 +263,7 @@ def build_preflight(
     """The CPU preflight: one small pod of the trainer image that checks the dataset and sizes the job
     (``python -m finetune_trainer.preflight``) before any GPU is requested. Its verdict, a ``plan`` or a final
     ``error`` report, comes back in its termination message. No GPU, no tenant placement (the platform's preflight
-    settings place it on CPU nodes), one retry at most: a failure is reported, not looped on."""
+    settings place it on CPU nodes), no retry: a failure is reported, not looped on."""
     pod_labels = labels(meta, "preflight")
     amounts = {"cpu": settings.cpu, "memory": settings.memory}
     if spec.resources.ephemeral_storage is not None:
@@ -295,7 +295,7 @@ def build_preflight(
         "kind": "Job",
         "metadata": {"name": preflight_name(meta["name"]), "namespace": meta.get("namespace"), "labels": pod_labels},
         "spec": {
-            "backoffLimit": 1,
+            "backoffLimit": 0,  # a failed preflight is reported (and lets the job go on), never retried
             "activeDeadlineSeconds": PREFLIGHT_DEADLINE_SECONDS,
             "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
         },

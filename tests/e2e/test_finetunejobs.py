@@ -255,12 +255,19 @@ def test_a_missing_secret_fails_at_once_naming_it(cluster: Cluster, namespace: s
     assert not [p for p in trainer_pods(cluster, namespace) if p["status"].get("phase") == "Running"]
 
 
-def test_gpu_example_waits_unschedulable(cluster: Cluster, namespace: str) -> None:
+def test_gpu_example_is_sized_on_cpu_then_waits_unschedulable(cluster: Cluster, namespace: str) -> None:
+    """The preflight pod (CPU, no GPU) checks the data and sizes the 7B QLoRA job from its config.json alone
+    (the demo bucket holds Llama-2-7B's config and a tokenizer, no weights); it fits an H100 (the chart's
+    gpuType), so the trainer's pod is created and waits for a GPU this cluster does not have."""
     name = apply(cluster, namespace, example(GPU_EXAMPLE))
-    job = wait_for(cluster, namespace, name, lambda s: s.get("reason") == "Unschedulable", 90, "Pending/Unschedulable")
+    job = wait_for(cluster, namespace, name, lambda s: s.get("reason") == "Unschedulable", 150, "Pending/Unschedulable")
     status = job["status"]
     assert status["phase"] == "Pending", status
     assert "nvidia.com/gpu" in (status.get("message") or ""), status
+    estimate = status["estimate"]
+    assert estimate["fits"] and estimate["gpuType"] == "h100" and 6.5e9 < estimate["parameters"] < 7e9, estimate
+    assert 0 < estimate["trainableParameters"] < estimate["parameters"] / 50, estimate  # LoRA r16 adapters
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Planned"] == "True", status
     time.sleep(5)  # and it stays there
     assert get_job(cluster, namespace, name)["status"]["phase"] == "Pending"
 
@@ -269,9 +276,12 @@ def test_gpu_example_waits_unschedulable(cluster: Cluster, namespace: str) -> No
 def test_cpu_example_succeeds(cluster: Cluster, cpu_jobs: dict[str, tuple[str, str]], name: str) -> None:
     namespace, job_name = cpu_jobs[name]
     status = assert_succeeded(cluster, namespace, wait_terminal(cluster, namespace, job_name))
-    max_steps = example(name)["spec"]["hyperparameters"].get("maxSteps")
-    if max_steps:
+    hyperparameters = example(name)["spec"]["hyperparameters"]
+    max_steps = hyperparameters.get("maxSteps")
+    if max_steps and "earlyStopping" not in hyperparameters:
         assert status["progress"]["step"] == max_steps, status["progress"]
+    elif max_steps:  # early stopping may end it sooner, at an evaluation
+        assert 0 < status["progress"]["step"] <= max_steps, status["progress"]
 
 
 def test_killed_trainer_resumes_from_checkpoint(cluster: Cluster, namespace: str) -> None:

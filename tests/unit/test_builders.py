@@ -102,5 +102,5 @@ def test_the_preflight_pod_is_as_restricted_as_the_trainer_requests_no_gpu_and_i
     creds = [e for e in c["env"] if e["name"].startswith("AWS_")]
     assert creds == [e for e in t["env"] if e["name"].startswith("AWS_")] and creds
     assert "FINETUNE_HOLD_ON_USER_ERROR_SECONDS" not in {e["name"] for e in c["env"]}
-    assert job["metadata"]["name"] == "chat-job-preflight" and job["spec"]["backoffLimit"] == 1
+    assert job["metadata"]["name"] == "chat-job-preflight" and job["spec"]["backoffLimit"] == 0
     assert job["spec"]["template"]["metadata"]["labels"][builders.LABEL_COMPONENT] == "preflight"
