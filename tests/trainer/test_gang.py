@@ -41,7 +41,7 @@ from tests.trainer.test_train import RUN_TIMEOUT_S, Env, Run, assert_loss_falls,
 def test_launch_command_from_the_gang_env() -> None:
     env = {"FINETUNE_WORKERS": "3", "FINETUNE_WORKER_RANK": "2", "FINETUNE_RDZV_HOST": "10.0.0.7"}
     gang = gang_from_env(env)
-    assert gang == Gang(workers=3, rank=2, host="10.0.0.7", port=29500)
+    assert gang == Gang(workers=3, rank=2, host="10.0.0.7", port=29500, timeout_s=1800)
     cmd = launch_command(["--config", "job.yaml"], gang, gpus=4, python="py")
     assert cmd == [
         "py",
@@ -52,6 +52,7 @@ def test_launch_command_from_the_gang_env() -> None:
         "--master-addr=10.0.0.7",
         "--master-port=29500",
         "--max-restarts=0",
+        "--rdzv-conf=timeout=1800",
         "--nproc-per-node=4",
         "-m",
         "finetune_trainer",
@@ -60,9 +61,12 @@ def test_launch_command_from_the_gang_env() -> None:
     ]
     # Worker 0 reaches its own rendezvous store on loopback (no hairpin through its own Service); a CPU pod
     # runs one process.
-    zero = gang_from_env({**env, "FINETUNE_WORKER_RANK": "0", "FINETUNE_RDZV_PORT": "29600"})
+    zero = gang_from_env(
+        {**env, "FINETUNE_WORKER_RANK": "0", "FINETUNE_RDZV_PORT": "29600", "FINETUNE_RDZV_TIMEOUT_SECONDS": "60"}
+    )
     cmd0 = launch_command([], zero, gpus=0, python="py")
     assert "--master-addr=127.0.0.1" in cmd0 and "--master-port=29600" in cmd0 and "--nproc-per-node=1" in cmd0
+    assert "--rdzv-conf=timeout=60" in cmd0
     # A single pod: exactly today's launcher (several GPUs in one pod).
     assert gang_from_env({}) == Gang()
     assert launch_command([], Gang(), gpus=2, python="py")[3:5] == ["--standalone", "--nproc-per-node=2"]

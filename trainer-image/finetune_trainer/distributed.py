@@ -18,10 +18,13 @@ A job of N pods ("workers") trains one model together. Each worker pod gets
                                 worker 0 itself always uses 127.0.0.1 (no hairpin through its own Service)
     FINETUNE_RDZV_PORT=PORT     default 29500: the TCP port of worker 0's rendezvous store
     FINETUNE_GPUS               GPUs per pod, as for single-pod jobs
+    FINETUNE_RDZV_TIMEOUT_SECONDS  optional, default 1800: how long the workers wait for each other at the start
+                                (keep it above the operator's deadline for starting the whole gang)
 
 and runs ``python -m torch.distributed.run --nnodes N --node-rank r --master-addr HOST --master-port PORT
---nproc-per-node max(1, GPUs) --max-restarts 0 -m finetune_trainer ...`` (torchrun's static rendezvous: no
-elastic membership, no restarts inside the pod; a failed gang is restarted as a whole by the operator).
+--max-restarts 0 --rdzv-conf timeout=T --nproc-per-node max(1, visible GPUs) -m finetune_trainer ...``
+(torchrun's static rendezvous: no elastic membership, no restarts inside the pod; a failed gang is restarted
+as a whole by the operator).
 Global ranks are ``r * procs + local rank``. Workers talk to each other directly (pod IP to pod IP, gloo on
 CPU, NCCL on GPU) on ports they pick; only the rendezvous port goes through the Service.
 
@@ -67,6 +70,8 @@ EXIT_CODE_FILE_ENV = "FINETUNE_EXIT_CODE_FILE"  # a directory: each rank writes 
 WORKERS_ENV, WORKER_RANK_ENV = "FINETUNE_WORKERS", "FINETUNE_WORKER_RANK"
 RDZV_HOST_ENV, RDZV_PORT_ENV = "FINETUNE_RDZV_HOST", "FINETUNE_RDZV_PORT"
 DEFAULT_RDZV_PORT = 29500
+RDZV_TIMEOUT_ENV = "FINETUNE_RDZV_TIMEOUT_SECONDS"
+DEFAULT_RDZV_TIMEOUT_S = 1800  # torchrun's own default (600 s) is shorter than a slow GPU image pull
 TIMEOUT_ENV = "FINETUNE_COLLECTIVE_TIMEOUT_SECONDS"
 DEFAULT_TIMEOUT_S = 1800.0  # NCCL/gloo collectives (and HF's ddp_timeout default)
 PEER_WAIT_ENV = "FINETUNE_PEER_WAIT_SECONDS"
@@ -224,6 +229,7 @@ class Gang:
     rank: int = 0
     host: str = "127.0.0.1"
     port: int = DEFAULT_RDZV_PORT
+    timeout_s: int = DEFAULT_RDZV_TIMEOUT_S
 
 
 def gang_from_env(env: Mapping[str, str]) -> Gang:
@@ -233,11 +239,12 @@ def gang_from_env(env: Mapping[str, str]) -> Gang:
     node = int(env.get(WORKER_RANK_ENV) or 0)
     port = int(env.get(RDZV_PORT_ENV) or DEFAULT_RDZV_PORT)
     host = env.get(RDZV_HOST_ENV) or ""
-    if workers < 1 or not 0 <= node < workers or not 0 < port < 65536:
+    timeout = int(env.get(RDZV_TIMEOUT_ENV) or DEFAULT_RDZV_TIMEOUT_S)
+    if workers < 1 or not 0 <= node < workers or not 0 < port < 65536 or timeout < 1:
         raise ValueError(f"bad gang env: {WORKERS_ENV}={workers} {WORKER_RANK_ENV}={node} {RDZV_PORT_ENV}={port}")
     if workers > 1 and node > 0 and not host:
         raise ValueError(f"{RDZV_HOST_ENV} must name worker 0 for worker {node} of {workers}")
-    return Gang(workers, node, host or "127.0.0.1", port)
+    return Gang(workers, node, host or "127.0.0.1", port, timeout)
 
 
 def launch_command(argv: Sequence[str], gang: Gang, gpus: int, python: str = sys.executable) -> list[str]:
@@ -254,6 +261,7 @@ def launch_command(argv: Sequence[str], gang: Gang, gpus: int, python: str = sys
             f"--master-addr={host}",
             f"--master-port={gang.port}",
             "--max-restarts=0",  # the operator restarts the whole gang; a lone restarted pod could not rejoin
+            f"--rdzv-conf=timeout={gang.timeout_s}",
         ]
     module = ["-m", "finetune_trainer", *argv]
     return [python, "-m", "torch.distributed.run", *topology, f"--nproc-per-node={procs}", *module]
