@@ -235,7 +235,12 @@ def main() -> int:
         body = (
             f"Median of {args.runs} runs of `{EXAMPLE.name}` (tiny GPT-2, 1 CPU) on the local single-node cluster, "
             "warm images; the plain Job is the same trainer pod (same image, resolved config and node) created "
-            "directly, without the operator. Stages as `bench/submit_bench.py` defines them.\n\n"
+            "directly, without the operator. Stages as `bench/submit_bench.py` defines them. Milestones are first "
+            "seen by polling (0.1 s, slower on a loaded machine), so a short stage can be absorbed by its "
+            "neighbour (here the FineTuneJob's pod is often already bound when its Job is first seen); the totals "
+            "do not depend on that. The difference is the CPU preflight: a pod of the trainer image that imports "
+            "the libraries, reads the data and sizes the job before any GPU is requested (on this cluster with "
+            "`policy.preflight.cpu: 500m`); for a GPU job it is paid once, before minutes of model download.\n\n"
             + markdown_table(rows, date, machine(), command)
         )
         write_section(Path(args.docs), "bench-submit", body, "Submit to first step (`make bench-submit`)")
