@@ -260,7 +260,8 @@ def _spec(env: Env, batch_size: int, max_steps: int = 20, **extra: Any) -> dict[
             "scheduler": "linear",
             "seed": 7,
         },
-        "evaluation": {"maxSamples": 2, "maxNewTokens": 4},
+        # The final model is the best checkpoint: each pod must hold all of it before the Trainer loads it.
+        "evaluation": {"maxSamples": 2, "maxNewTokens": 4, "bestModelMetric": "eval_loss", "steps": 10},
         "checkpoints": {"everySteps": 10, "keep": 2},
         **extra,
     }
@@ -303,6 +304,14 @@ def test_two_pods_train_like_one_pod_with_the_same_global_batch(env: Env, gangs:
     if engine != "ddp":
         shards = [p for p in ckpt if "zero_pp_rank_" in p]
         assert any("zero_pp_rank_0_" in p for p in shards) and any("zero_pp_rank_1_" in p for p in shards), ckpt
+    # Before loading the best checkpoint at the end, worker 1 fetched all of it (worker 0's files too): every
+    # rank loads the same weights (under ZeRO-3 a partly loaded model would be gathered into a mix).
+    best = env.json("report/metrics.json")["best_checkpoint_step"]
+    local = env.tmp / "gang" / "pod-1" / "wd" / "checkpoints" / f"checkpoint-{best}"
+    on_worker_1 = {p.name for p in local.rglob("*")}
+    assert {"model.safetensors", "rng_state_0.pth", "rng_state_1.pth"} <= on_worker_1, on_worker_1
+    if engine != "ddp":
+        assert any(n.startswith("zero_pp_rank_0_") for n in on_worker_1), on_worker_1
     # The same global batches and the same averaged gradients: the curves match step by step.
     a, b = _losses(single), _losses(zero)
     assert set(a) == set(b) and len(a) >= 10

@@ -31,7 +31,7 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from finetune_trainer import distributed
+from finetune_trainer import distributed, interrupt
 from finetune_trainer.reporting import Reporter
 from finetune_trainer.storage import FileRecord, Storage, StorageNotFound, StorageUserError, join_uri
 
@@ -338,3 +338,37 @@ class CheckpointUploader(TrainerCallback):
                 fut.result()
         finally:
             self._executor.shutdown(wait=True)
+
+
+class GangBestCheckpoint(TrainerCallback):
+    """Gangs, ``load_best_model_at_end``: each pod's disk holds only its own ranks' part of a checkpoint, but the
+    Trainer's final "load the best checkpoint" (every rank; DeepSpeed reads every rank's shards) needs all of
+    it. At the Trainer's final log, right before that load: every upload is finished, and each pod downloads
+    the whole best checkpoint from the store (complete: worker 0 waited for every part)."""
+
+    def __init__(self, storage: Storage, output_uri: str, uploader: CheckpointUploader) -> None:
+        self.storage, self.output_uri, self.uploader = storage, output_uri, uploader
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # The final training metrics (train_runtime alone is in every log with include_num_input_tokens_seen).
+        if not logs or "total_flos" not in logs or "train_loss" not in logs or not args.load_best_model_at_end:
+            return
+        step = state.best_global_step
+        if interrupt.STATE.requested or step is None:
+            state.best_model_checkpoint = None  # nothing final follows an interruption: no load at all
+            return
+        if distributed.is_local_main():
+            self.uploader.wait()
+        distributed.wait_for_peers()
+        output_dir = Path(str(args.output_dir))
+        if distributed.is_local_main():
+            _download(self.storage, self.output_uri, step, output_dir)
+        distributed.wait_for_peers()
+        state.best_model_checkpoint = str(output_dir / f"checkpoint-{step}")

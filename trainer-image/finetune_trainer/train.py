@@ -28,7 +28,14 @@ from finetune_api.spec import FineTuneJobSpec, MethodType, Optimizer, Task
 from finetune_api.status import FineTuneJob
 from finetune_trainer import distributed, evaluate, interrupt
 from finetune_trainer.batching import GROUP_BY_LENGTH, FineTuneTrainer
-from finetune_trainer.checkpoints import CheckpointUploader, checkpoint_uri, remote_steps, resume_point, step_of
+from finetune_trainer.checkpoints import (
+    CheckpointUploader,
+    GangBestCheckpoint,
+    checkpoint_uri,
+    remote_steps,
+    resume_point,
+    step_of,
+)
 from finetune_trainer.config import UserError, architecture, resolve_job
 from finetune_trainer.data import DataError, PreparedData, make_collator, prepare_data
 from finetune_trainer.distributed import deepspeed_config, ensure_single_process_env, is_main_process
@@ -419,6 +426,8 @@ def run(job: FineTuneJob, reporter: Reporter, workdir: Path) -> Outcome:
         progress = ProgressCallback(reporter)
         stop_on_signal = StopOnSignal(reporter)
         callbacks: list[Any] = [progress, uploader, stop_on_signal]
+        if distributed.nodes() > 1:
+            callbacks.append(GangBestCheckpoint(storage, spec.output.uri, uploader))
         stopper = early_stopping(spec)
         if stopper is not None:
             callbacks.append(stopper)
