@@ -321,6 +321,9 @@ def build_worker(
     job["spec"]["backoffLimit"] = 0
     job["spec"].pop("podFailurePolicy", None)
     container = template["spec"]["containers"][0]
+    # No hold after a user error: with backoffLimit 0 no replacement pod can start, and a worker that lingers
+    # would make the others fail first (their peer is gone), hiding the user error behind a retryable one.
+    container["env"] = [e for e in container["env"] if e["name"] != "FINETUNE_HOLD_ON_USER_ERROR_SECONDS"]
     container["env"] += [
         {"name": "FINETUNE_WORKERS", "value": str(spec.resources.workers)},
         {"name": "FINETUNE_WORKER_RANK", "value": str(rank)},

@@ -131,6 +131,12 @@ def step(
     def fail(reason: str, message: str) -> GangStep:
         return result(Phase.FAILED, reason, message, delete=existing)
 
+    # A verdict from any worker: a user error is final and names the worker (also one seen only after the
+    # gang was already told to restart: the workers stop within moments of each other).
+    for rank, pod in sorted(current.items()):
+        if pod.exit_code == USER_ERROR_EXIT_CODE:
+            reason, message = last_error(obs.reports if rank == 0 else [], pod)
+            return fail(reason, f"worker {rank}: {message}")
     if not obs.workers:
         if obs.pods:  # the last attempt's pods are stopping (worker 0 uploads a checkpoint first)
             message = f"restarting: waiting for {len(obs.pods)} pod(s) of attempt {status.attempts} to stop"
@@ -143,11 +149,6 @@ def step(
         started.create = [0]
         return started
 
-    # A verdict from any worker: a user error is final and names the worker.
-    for rank, pod in sorted(current.items()):
-        if pod.exit_code == USER_ERROR_EXIT_CODE:
-            reason, message = last_error(obs.reports if rank == 0 else [], pod)
-            return fail(reason, f"worker {rank}: {message}")
     final = next((r for r in reversed(obs.reports) if r.kind == ReportKind.ERROR and r.final), None)
     if final is not None:
         return fail(final.reason or "TrainerError", f"worker 0: {final.message or 'the trainer reported an error'}")

@@ -232,3 +232,20 @@ def test_policy_counts_every_worker() -> None:
     assert any(
         p.field == "spec.resources.workers" for p in validate_spec(copy.deepcopy(many), OperatorConfig()).problems
     )
+
+
+def test_a_user_error_seen_after_the_restart_began_still_ends_the_job() -> None:
+    """Worker 0 fails first (its peer is gone), the gang is told to restart; then worker 1's exit 2 arrives."""
+    err = Report(seq=2, kind=ReportKind.ERROR, time="t", reason="DataNotFound", message="rank 1: no data", final=True)
+    restarting = FineTuneJobStatus(attempts=1, phase="Pending", reason="Restarting", failures=1)
+    bad = worker_pod(1, "Failed", deleting=True, terminated={"exitCode": 2, "message": format_report(err)})
+    d = run(restarting, Observation(job=None, pods=[worker_pod(0, "Failed", terminated={"exitCode": 1}), bad]))
+    assert (d.status.phase, d.status.reason) == ("Failed", "DataNotFound") and created(d) == []
+    assert (d.status.message or "").startswith("worker 1:")
+
+
+def test_workers_do_not_hold_after_a_user_error() -> None:
+    job = builders.build_worker({"name": "gang", "namespace": "ns", "uid": "u"},
+                                validate_spec(copy.deepcopy(SPEC), OperatorConfig()).spec,  # type: ignore[arg-type]
+                                "IfNotPresent", 1, "198.18.100.20")  # fmt: skip
+    assert "FINETUNE_HOLD_ON_USER_ERROR_SECONDS" not in env(job)
