@@ -297,6 +297,40 @@ def test_killed_trainer_resumes_from_checkpoint(cluster: Cluster, namespace: str
     assert status["attempts"] == 2, status
 
 
+def test_a_two_worker_gang_trains_as_one_job(cluster: Cluster, namespace: str) -> None:
+    """resources.workers: 2 on the real cluster: two pods train one tiny Llama job together (torch.distributed
+    over gloo between the pods' IPs: worker 1 reaches worker 0 at the rendezvous address the operator gave it),
+    worker 0 reports and uploads, and exactly one manifest is written, once."""
+    output = f"s3://{demo.BUCKET}/e2e-{RUN}/gang/"
+    job = {
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "gang"},
+        "spec": {
+            "model": {"uri": f"s3://{demo.BUCKET}/models/tiny-llama/"},
+            "task": "causal-lm",
+            "dataset": {"train": f"s3://{demo.BUCKET}/data/lines.txt"},
+            "method": {"type": "full"},
+            "hyperparameters": {"maxSteps": 16, "batchSize": 4, "loggingSteps": 2, "learningRate": 0.001},
+            "resources": {"gpus": 0, "workers": 2, "cpu": "500m", "memory": "2Gi"},
+            "output": {"uri": output},
+            "storage": {"secretRef": {"name": demo.SECRET}},
+        },
+    }
+    name = apply(cluster, namespace, job)
+    wait_for(cluster, namespace, name, lambda s: s.get("workers") == "2/2", 300, "both workers running")
+    status = assert_succeeded(cluster, namespace, wait_terminal(cluster, namespace, name))
+    assert status["attempts"] == 1 and status["progress"]["step"] == 16, status
+    pods = trainer_pods(cluster, namespace)
+    ranks = sorted(p["metadata"]["labels"].get("finetune.dev/worker-rank") for p in pods)
+    assert ranks == ["0", "1"], ranks
+    from finetune_trainer.storage import parse_uri
+
+    loc = parse_uri(output)
+    keys = [o["Key"] for o in cluster.s3_client().list_objects_v2(Bucket=loc.bucket, Prefix=loc.key)["Contents"]]
+    assert sum(k.endswith("manifest.json") for k in keys) == 1, keys
+
+
 def test_deleting_a_running_job_removes_its_pods_and_config(cluster: Cluster, namespace: str) -> None:
     name = apply(cluster, namespace, example("02-gpt2-text-file.yaml", maxSteps=100000))
     wait_for(cluster, namespace, name, lambda s: s.get("phase") == "Running", 180, "Running")
