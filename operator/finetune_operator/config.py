@@ -47,7 +47,8 @@ class _Model(BaseModel):
 class Defaults(_Model):
     """Filled into a job's spec where the tenant left a value unset."""
 
-    image: str = "finetune-trainer:0.1.0"
+    # The CUDA build (docs/images.md): like gpus=1 below, the built-in defaults are for GPU clusters.
+    image: str = "finetune-trainer:0.1.0-cuda"
     image_pull_policy: str = Field(default="IfNotPresent", pattern="^(Always|IfNotPresent|Never)$")
     gpus: int = Field(default=1, ge=0)
     # The platform's own GPU resource: admitted whatever limits.allowedGpuResourceNames says.

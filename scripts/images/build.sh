@@ -6,6 +6,11 @@
 #   scripts/images/build.sh pause     the CRI sandbox image only (+ import)
 #   scripts/images/build.sh trainer   finetune-trainer:<version> only (+ import)
 #   scripts/images/build.sh operator  finetune-operator:<version> only (+ import)
+#   scripts/images/build.sh trainer-gpu
+#                                     finetune-trainer:<version>-cuda, the GPU trainer image, on demand
+#                                     only (never part of `all`, `make cluster` or `make test`): build,
+#                                     then scripts/images/check-image.sh on the archive. Not imported
+#                                     unless FINETUNE_IMPORT_GPU_IMAGE=1 (the local cluster has no GPU).
 #   scripts/images/build.sh import    import the cached archives that containerd lacks
 #   scripts/images/build.sh sizes     print each cached image's size: unpacked (the layer tars) and
 #                                     compressed (gzip -6 of each layer, as a registry would store it)
@@ -24,6 +29,16 @@
 #     layer 2 (app): the project's own packages: `pip wheel --no-deps .` from the working
 #       tree, installed into /opt/venv with --no-deps. Rebuilt every run (seconds); the layer
 #       is reproducible, so an unchanged tree yields the same image ID and nothing is imported.
+#   finetune-trainer:<version>-cuda  the trainer image for GPU clusters (docs/images.md): the same
+#                               two layers and config as finetune-trainer:<version>, but torch is
+#                               PyPI's Linux x86_64 wheel (the CUDA build; it pulls the nvidia-*
+#                               CUDA runtime wheels), bitsandbytes ([gpu] extra) is added, and
+#                               every package comes from PyPI only (FINETUNE_PYPI_INDEX): neither
+#                               the local CPU wheel folder nor any other pip source of this
+#                               machine is used. The build fails unless torch.version.cuda is set.
+#                               No driver inside: the NVIDIA container runtime mounts the node's.
+#     layer 1: images/cuda-base-<key>/ (several GB; ~10 min with a fast link).
+#     layer 2: the same wheel of the working tree as the CPU trainer image.
 #   finetune-operator:<version> the operator's slim image (`python -m finetune_operator`; also the
 #                               chart's `helm test` and pre-delete cleanup hooks): no torch,
 #                               transformers or datasets.
@@ -44,6 +59,9 @@
 #   FINETUNE_NO_IMPORT=1        build/cache only
 #   FINETUNE_TRAINER_IMAGE      tag of the trainer image (default finetune-trainer:<version>)
 #   FINETUNE_OPERATOR_IMAGE     tag of the operator image (default finetune-operator:<version>)
+#   FINETUNE_TRAINER_GPU_IMAGE  tag of the GPU trainer image (default finetune-trainer:<version>-cuda)
+#   FINETUNE_PYPI_INDEX         the only index of the GPU image's pip installs (default https://pypi.org/simple)
+#   FINETUNE_IMPORT_GPU_IMAGE=1 also import the GPU trainer image into the local cluster's containerd
 #   FINETUNE_PAUSE_IMAGE        sandbox image tag (default registry.k8s.io/pause:3.6; must match
 #                               containerd's sandbox_image, which scripts/cluster.sh sets from it)
 #   FINETUNE_DEBIAN_MIRROR      default http://deb.debian.org/debian
@@ -61,6 +79,8 @@ MIRROR="${FINETUNE_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 # Bump when the base-layer recipe below changes in a way that needs a rebuild.
 BASE_RECIPE=3
 OPERATOR_BASE_RECIPE=2
+CUDA_BASE_RECIPE=1
+PYPI_INDEX="${FINETUNE_PYPI_INDEX:-https://pypi.org/simple}"
 PYVER=3.11
 SITE=/opt/venv/lib/python$PYVER/site-packages
 IMAGE_PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -220,6 +240,9 @@ find_local_torch_wheel() {  # find_local_torch_wheel VERSION -> path or nothing
 # build_base FLAVOUR DIR TORCH_WHEEL TORCH_VERSION REQ...
 #   FLAVOUR trainer: torch (TORCH_WHEEL, or TORCH_VERSION from the PyTorch CPU index) + REQ.
 #   FLAVOUR operator: REQ only (TORCH_WHEEL and TORCH_VERSION are ""); torch must not be there.
+#   FLAVOUR cuda: torch==TORCH_VERSION + REQ from PYPI_INDEX alone (pip --isolated: no find-links, no
+#     extra index, no pip config; the caller leaves PIP_FIND_LINKS_IN/PIP_EXTRA_INDEX_IN empty too);
+#     fails unless torch.version.cuda is set.
 # Older bases of the same flavour (siblings of DIR with the same prefix) are removed.
 build_base() {
   local flavour=$1 dir=$2 torch_wheel=$3 torch_version=$4; shift 4
@@ -230,7 +253,7 @@ build_base() {
   mkdir -p "$work" "$IMAGES/debs"
   root="$work/rootfs"
 
-  prefix=$(basename "$dir"); prefix=${prefix%-*}   # base or operator-base
+  prefix=$(basename "$dir"); prefix=${prefix%-*}   # base, operator-base or cuda-base
   stage "$prefix: debootstrap $SUITE minbase + python3"
   debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
     --cache-dir="$IMAGES/debs" "$SUITE" "$root" "$MIRROR" >"$work/debootstrap.log" 2>&1 ||
@@ -246,8 +269,17 @@ build_base() {
   for d in "${LOCAL_PIP_DIRS[@]}"; do mount_in "$root" "$d" "$d" ro; done
   in_root "$root" python3 -m venv /opt/venv
   : >"$root/tmp/ftj-constraints.txt"
+  # The GPU image's pip: PyPI only, whatever this machine's pip configuration says.
+  local cuda_pip=(--isolated --no-cache-dir --disable-pip-version-check --root-user-action=ignore --timeout 180
+    --index-url "$PYPI_INDEX")
   if [[ "$flavour" == operator ]]; then
     :  # no torch
+  elif [[ "$flavour" == cuda ]]; then
+    in_root "$root" /opt/venv/bin/pip install -q "${cuda_pip[@]}" "torch==$torch_version" 2>&1 | quiet_pip
+    in_root "$root" /opt/venv/bin/python -c '
+import sys, torch
+print("  torch", torch.__version__, "CUDA", torch.version.cuda, file=sys.stderr)
+sys.exit(0 if torch.version.cuda else f"torch {torch.__version__} is not a CUDA build (torch.version.cuda is None)")'
   elif [[ -n "$torch_wheel" ]]; then
     mount_in "$root" "$(dirname "$torch_wheel")" /tmp/ftj-torch ro
     in_root "$root" /opt/venv/bin/pip install -q "/tmp/ftj-torch/$(basename "$torch_wheel")" 2>&1 | quiet_pip
@@ -255,13 +287,17 @@ build_base() {
     # No local wheel: the CPU build from PyTorch's index (PyPI's Linux wheel bundles CUDA).
     in_root "$root" /opt/venv/bin/pip install -q --index-url https://download.pytorch.org/whl/cpu "torch==$torch_version" 2>&1 | quiet_pip
   fi
-  if [[ "$flavour" == trainer ]]; then
+  if [[ "$flavour" != operator ]]; then
     local installed_torch
     installed_torch=$(in_root "$root" /opt/venv/bin/python -c 'import importlib.metadata as m; print(m.version("torch"))')
     echo "torch==$installed_torch" >"$root/tmp/ftj-constraints.txt"
     log "  torch $installed_torch installed (/opt/venv: $(du -sh "$root/opt/venv" | cut -f1)); now: ${reqs[*]}"
   fi
-  in_root "$root" /opt/venv/bin/pip install -q -c /tmp/ftj-constraints.txt "${reqs[@]}" 2>&1 | quiet_pip
+  if [[ "$flavour" == cuda ]]; then
+    in_root "$root" /opt/venv/bin/pip install -q "${cuda_pip[@]}" -c /tmp/ftj-constraints.txt "${reqs[@]}" 2>&1 | quiet_pip
+  else
+    in_root "$root" /opt/venv/bin/pip install -q -c /tmp/ftj-constraints.txt "${reqs[@]}" 2>&1 | quiet_pip
+  fi
   log "  /opt/venv: $(du -sh "$root/opt/venv" | cut -f1)"
   in_root "$root" /opt/venv/bin/pip freeze --all >"$work/freeze.txt"
   # The operator image installs nothing later (its app layer is copied in): no pip, no setuptools.
@@ -327,13 +363,15 @@ print("imports ok:", len(mods), "modules; torch", sys.modules["torch"].__version
 # ---- app layers + archives ------------------------------------------------------------------------
 trainer_archive() { echo "$IMAGES/$(echo "$TRAINER_TAG" | tr '/:' '__').tar"; }
 operator_archive() { echo "$IMAGES/$(echo "$OPERATOR_TAG" | tr '/:' '__').tar"; }
+trainer_gpu_archive() { echo "$IMAGES/$(echo "$TRAINER_GPU_TAG" | tr '/:' '__').tar"; }
 
-image_tags() {  # sets VERSION, TRAINER_TAG and OPERATOR_TAG
+image_tags() {  # sets VERSION, TRAINER_TAG, TRAINER_GPU_TAG and OPERATOR_TAG
   local lines
   mapfile -t lines < <(project_requirements)
   VERSION=${lines[0]}
   TRAINER_TAG="${FINETUNE_TRAINER_IMAGE:-finetune-trainer:$VERSION}"
   OPERATOR_TAG="${FINETUNE_OPERATOR_IMAGE:-finetune-operator:$VERSION}"
+  TRAINER_GPU_TAG="${FINETUNE_TRAINER_GPU_IMAGE:-finetune-trainer:$VERSION-cuda}"
 }
 
 # Byte-compile what STAGING (mounted at /tmp/ftj-root in ROOT) holds, with ROOT's python: hash-checked
@@ -355,6 +393,31 @@ write_archive() {  # write_archive TAG OUT BASE_DIR APP_LAYER TITLE BASE_HISTORY
     --label "finetune.dev/base-key=$(basename "$dir")" \
     --history "$6" --history "$7" >/dev/null
   log "  $tag: $out ($(human "$out"); image $(cut -c1-19 "$out.id"))"
+}
+
+# build_app_layer ROOT WORK EPOCH NAME: layer 2 of a trainer image in WORK/layer.tar: the working tree's
+# wheel installed (--no-deps) with ROOT's /opt/venv into WORK/root, byte-compiled. Sets APP_WHEEL.
+build_app_layer() {
+  local root=$1 work=$2 epoch=$3 name=$4 whl
+  stage "$name app: pip wheel --no-deps . (working tree)"
+  umount_stale
+  rm -rf "$work"
+  mkdir -p "$work/wheel" "$work/root"
+  (cd "$REPO_ROOT" && "$PY" -m pip wheel -q --no-deps -w "$work/wheel" . >&2)
+  whl=$(ls "$work"/wheel/*.whl)
+  log "  $(basename "$whl") ($(human "$whl"))"
+
+  stage "$name app: install into /opt/venv (layer 2)"
+  mount_in "$root" "$work/wheel" /tmp/ftj-wheel ro
+  mount_in "$root" "$work/root" /tmp/ftj-root
+  SOURCE_DATE_EPOCH=$epoch in_root "$root" /opt/venv/bin/pip install -q --no-deps --no-index --no-compile \
+    --no-warn-script-location --root /tmp/ftj-root "/tmp/ftj-wheel/$(basename "$whl")"
+  compile_staging "$root" "$epoch"
+  umount_all
+  rmdir "$root/tmp/ftj-wheel" "$root/tmp/ftj-root" 2>/dev/null || true
+  "${PACK[@]}" layer "$work/root" "$work/layer.tar" --mtime "$epoch" >/dev/null
+  log "  app layer: $(human "$work/layer.tar")"
+  APP_WHEEL=$whl
 }
 
 build_trainer() {
@@ -381,30 +444,47 @@ build_trainer() {
   # A fixed time for everything in layer 2 and the config: same tree -> same image ID.
   epoch=$(date -u -d "$(cat "$dir/created")" +%s)
 
-  stage "trainer app: pip wheel --no-deps . (working tree)"
-  umount_stale
   work="$IMAGES/app.work"
-  rm -rf "$work"
-  mkdir -p "$work/wheel" "$work/root"
-  (cd "$REPO_ROOT" && "$PY" -m pip wheel -q --no-deps -w "$work/wheel" . >&2)
-  whl=$(ls "$work"/wheel/*.whl)
-  log "  $(basename "$whl") ($(human "$whl"))"
-
-  stage "trainer app: install into /opt/venv (layer 2)"
-  mount_in "$root" "$work/wheel" /tmp/ftj-wheel ro
-  mount_in "$root" "$work/root" /tmp/ftj-root
-  SOURCE_DATE_EPOCH=$epoch in_root "$root" /opt/venv/bin/pip install -q --no-deps --no-index --no-compile \
-    --no-warn-script-location --root /tmp/ftj-root "/tmp/ftj-wheel/$(basename "$whl")"
-  compile_staging "$root" "$epoch"
-  umount_all
-  rmdir "$root/tmp/ftj-wheel" "$root/tmp/ftj-root" 2>/dev/null || true
-  "${PACK[@]}" layer "$work/root" "$work/layer.tar" --mtime "$epoch" >/dev/null
-  log "  app layer: $(human "$work/layer.tar")"
+  build_app_layer "$root" "$work" "$epoch" trainer
+  whl=$APP_WHEEL
 
   stage "trainer image archive"
   write_archive "$TRAINER_TAG" "$(trainer_archive)" "$dir" "$work/layer.tar" finetune-trainer \
     "debootstrap $SUITE minbase, python3, /opt/venv: torch $torch_version + requirements ($(basename "$dir"))" \
     "pip install --no-deps $(basename "$whl")"
+  stage ""
+}
+
+# The GPU trainer image (on demand; see the header). Its base is cached in images/cuda-base-<key>/.
+build_trainer_gpu() {
+  local lines reqs torch_req torch_version key dir root epoch
+  image_tags
+  mapfile -t lines < <(project_requirements trainer gpu operator)
+  reqs=("${lines[@]:1}")
+  torch_req=$(printf '%s\n' "${reqs[@]}" | grep -E '^torch *==' | head -n1 || true)
+  [[ -n "$torch_req" ]] || { log "pyproject.toml's [trainer] extra must pin torch (torch==X)"; return 1; }
+  torch_version=$(echo "$torch_req" | sed -E 's/^torch *== *([^ ;,]+).*/\1/')
+  # None of this machine's pip sources (the CPU torch wheel folder, local mirrors): PyPI only.
+  PIP_FIND_LINKS_IN="" PIP_EXTRA_INDEX_IN="" LOCAL_PIP_DIRS=()
+  key=$({ echo "recipe=$CUDA_BASE_RECIPE suite=$SUITE index=$PYPI_INDEX"; echo "torch=$torch_version";
+    printf '%s\n' "${reqs[@]}"; } | sha256sum | cut -c1-16)
+  dir="$IMAGES/cuda-base-$key"
+
+  if [[ -f "$dir/layer.tar" && -f "$dir/layer.tar.sha256" && -d "$dir/rootfs" ]]; then
+    log "GPU trainer base layer cached: $dir ($(human "$dir/layer.tar"))"
+  else
+    log "building the GPU trainer base layer (key $key; several GB from $PYPI_INDEX): torch==$torch_version (CUDA)"
+    build_base cuda "$dir" "" "$torch_version" "${reqs[@]}"
+  fi
+  root="$dir/rootfs"
+  epoch=$(date -u -d "$(cat "$dir/created")" +%s)
+  build_app_layer "$root" "$IMAGES/cuda-app.work" "$epoch" "GPU trainer"
+
+  stage "GPU trainer image archive"
+  write_archive "$TRAINER_GPU_TAG" "$(trainer_gpu_archive)" "$dir" "$IMAGES/cuda-app.work/layer.tar" \
+    finetune-trainer-cuda \
+    "debootstrap $SUITE minbase, python3, /opt/venv: torch $torch_version (PyPI, CUDA) + requirements ($(basename "$dir"))" \
+    "pip install --no-deps $(basename "$APP_WHEEL")"
   stage ""
 }
 
@@ -468,7 +548,7 @@ print_sizes() {
   local tar
   image_tags
   printf '%-32s %12s %12s\n' image unpacked compressed
-  for tar in "$(pause_archive)" "$(trainer_archive)" "$(operator_archive)"; do
+  for tar in "$(pause_archive)" "$(trainer_archive)" "$(operator_archive)" "$(trainer_gpu_archive)"; do
     [[ -f "$tar" ]] || continue
     "${PACK[@]}" sizes "$tar"
   done
@@ -547,6 +627,8 @@ import_all() {
   if [[ "$what" == all || "$what" == pause ]]; then import_archive "$(pause_archive)" "$PAUSE_TAG"; fi
   if [[ "$what" == all || "$what" == trainer ]]; then import_archive "$(trainer_archive)" "$TRAINER_TAG"; fi
   if [[ "$what" == all || "$what" == operator ]]; then import_archive "$(operator_archive)" "$OPERATOR_TAG"; fi
+  # The GPU image only on request (`trainer-gpu` with FINETUNE_IMPORT_GPU_IMAGE=1), never with `all`.
+  if [[ "$what" == trainer-gpu ]]; then import_archive "$(trainer_gpu_archive)" "$TRAINER_GPU_TAG"; fi
   prune_stale_ids
 }
 
@@ -561,9 +643,15 @@ case "${1:-all}" in
   pause) build_pause; import_all pause ;;
   trainer) build_trainer; stage "import"; import_all trainer ;;
   operator) build_operator; stage "import"; import_all operator ;;
+  trainer-gpu)
+    build_trainer_gpu
+    stage "GPU trainer image: check (scripts/images/check-image.sh)"
+    bash "$SCRIPT_DIR/check-image.sh" "$(trainer_gpu_archive)" --cuda
+    if [[ "${FINETUNE_IMPORT_GPU_IMAGE:-0}" == 1 ]]; then stage "import"; import_all trainer-gpu
+    else log "not imported into the local cluster (no GPU there; FINETUNE_IMPORT_GPU_IMAGE=1 to import)"; fi ;;
   import) import_all all ;;
   sizes) print_sizes; exit 0 ;;
-  *) echo "usage: $0 [all|pause|trainer|operator|import|sizes]" >&2; exit 2 ;;
+  *) echo "usage: $0 [all|pause|trainer|operator|trainer-gpu|import|sizes]" >&2; exit 2 ;;
 esac
 stage ""
 log "finished in $((SECONDS - T0))s"

@@ -181,7 +181,8 @@ def test_operator_runs_the_slim_image_and_trainers_default_to_the_trainer_image(
     version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
     docs = render(helm)
     assert deployment_image(docs) == f"finetune-operator:{version}"
-    assert operator_config(docs).defaults.image == f"finetune-trainer:{version}"
+    # Trainer pods default to the CUDA build (the chart's defaults are for GPU clusters; docs/images.md).
+    assert operator_config(docs).defaults.image == f"finetune-trainer:{version}-cuda"
     # Each follows its own values.
     docs = render(
         helm,
@@ -199,9 +200,11 @@ def test_operator_runs_the_slim_image_and_trainers_default_to_the_trainer_image(
 
 
 def test_local_values_name_both_images(helm: str) -> None:
+    version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
     docs = render(helm, "-f", str(CHART / "ci" / "local-values.yaml"))
     assert deployment_image(docs).startswith("finetune-operator:")
-    assert operator_config(docs).defaults.image.startswith("finetune-trainer:")
+    # The local cluster has no GPU: it keeps the CPU-only trainer image.
+    assert operator_config(docs).defaults.image == f"finetune-trainer:{version}"
 
 
 def test_empty_string_lifts_cpu_and_memory_limits(helm: str, tmp_path: Path) -> None:

@@ -49,9 +49,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
-{{/* The trainer pods' default image (the operator itself runs the slim finetune-operator.image). */}}
+{{/* The trainer pods' default image (the operator itself runs the slim finetune-operator.image): the CUDA
+build unless trainerImage.tag names another (docs/images.md). */}}
 {{- define "finetune-operator.trainerImage" -}}
-{{- printf "%s:%s" .Values.trainerImage.repository (default .Chart.AppVersion .Values.trainerImage.tag) }}
+{{- printf "%s:%s" .Values.trainerImage.repository (default (printf "%s-cuda" .Chart.AppVersion) .Values.trainerImage.tag) }}
 {{- end }}
 
 {{/*
