@@ -155,7 +155,8 @@ def step(
     chief = obs.workers.get(0)
     if chief is not None and chief.complete:
         message = f"model uploaded to {status.output.uri}" if status.output else "the trainer completed"
-        return result(Phase.SUCCEEDED, "Completed", message, delete=[n for n in existing if n != chief.name])
+        # The other workers end by themselves (torchrun's exit barrier); their pods and logs stay for inspection.
+        return result(Phase.SUCCEEDED, "Completed", message)
     if chief is not None and chief.failed_reason == "DeadlineExceeded":
         return fail("DeadlineExceeded", "runPolicy.activeDeadlineSeconds reached; the workers were stopped")
 
