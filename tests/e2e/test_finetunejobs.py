@@ -331,6 +331,54 @@ def test_a_two_worker_gang_trains_as_one_job(cluster: Cluster, namespace: str) -
     assert sum(k.endswith("manifest.json") for k in keys) == 1, keys
 
 
+def test_killing_one_worker_restarts_the_gang_which_resumes_and_succeeds(cluster: Cluster, namespace: str) -> None:
+    """Worker 1 force-deleted after the first checkpoint: the operator deletes the whole gang, starts it again
+    once its pods are gone, both workers resume from the checkpoint, and the job succeeds on attempt 2."""
+    max_steps = 60
+    job = gang_job("gang-kill", max_steps=max_steps, checkpoints={"everySteps": 10, "keep": 2})
+    name = apply(cluster, namespace, job)
+    wait_for(cluster, namespace, name, lambda s: s.get("checkpoints"), 300, "checkpointed")
+    victims = [p["metadata"]["name"] for p in trainer_pods(cluster, namespace)
+               if p["metadata"]["labels"].get("finetune.dev/worker-rank") == "1"]  # fmt: skip
+    assert len(victims) == 1, victims
+    cluster.kubectl("-n", namespace, "delete", "pod", victims[0], "--grace-period=0", "--force")
+    status = assert_succeeded(cluster, namespace, wait_terminal(cluster, namespace, name, timeout=600))
+    assert status["attempts"] == 2 and status["progress"]["step"] == max_steps, status
+    assert status["interruptions"] + status["failures"] == 1, status
+
+
+def test_a_gang_whose_second_worker_cannot_schedule_says_so(cluster: Cluster, namespace: str) -> None:
+    """Two workers asking 1.5 CPU each on a 2-core node: worker 0 runs, worker 1 stays Unschedulable, and the
+    job says which worker waits for what (the start deadline then frees the gang: tests/integration and
+    tests/unit/test_gang.py, where a short deadline can be set)."""
+    job = gang_job("gang-stuck", max_steps=1000, cpu="1500m")
+    name = apply(cluster, namespace, job)
+    status = wait_for(
+        cluster, namespace, name, lambda s: "worker 1: Unschedulable" in (s.get("message") or ""), 300, "waiting"
+    )["status"]
+    assert (status["phase"], status["reason"], status["workers"]) == ("Pending", "WaitingForWorkers", "1/2"), status
+    cluster.kubectl("-n", namespace, "delete", "finetunejob", name, "--wait=true", "--timeout=120s")
+
+
+def gang_job(name: str, max_steps: int, cpu: str = "500m", **extra: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"uri": f"s3://{demo.BUCKET}/models/tiny-llama/"},
+            "task": "causal-lm",
+            "dataset": {"train": f"s3://{demo.BUCKET}/data/lines.txt"},
+            "method": {"type": "full"},
+            "hyperparameters": {"maxSteps": max_steps, "batchSize": 4, "loggingSteps": 2, "learningRate": 0.001},
+            "resources": {"gpus": 0, "workers": 2, "cpu": cpu, "memory": "2Gi"},
+            "output": {"uri": f"s3://{demo.BUCKET}/e2e-{RUN}/{name}/"},
+            "storage": {"secretRef": {"name": demo.SECRET}},
+            **extra,
+        },
+    }
+
+
 def test_deleting_a_running_job_removes_its_pods_and_config(cluster: Cluster, namespace: str) -> None:
     name = apply(cluster, namespace, example("02-gpt2-text-file.yaml", maxSteps=100000))
     wait_for(cluster, namespace, name, lambda s: s.get("phase") == "Running", 180, "Running")
