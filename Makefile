@@ -47,9 +47,9 @@ test: venv k8s-binaries
 demo: venv
 	$(PY) -m finetune_cli.main demo
 
-.PHONY: bench bench-operator bench-train bench-data bench-storage bench-submit
+.PHONY: bench bench-operator bench-train bench-data bench-storage bench-submit bench-gang
 BENCH_ARGS ?=
-bench: bench-operator bench-train bench-data bench-storage bench-submit  ## every benchmark; results go to docs/benchmarks.md
+bench: bench-operator bench-train bench-data bench-storage bench-submit bench-gang  ## every benchmark; results go to docs/benchmarks.md
 
 bench-operator: venv k8s-binaries  ## the operator at scale on the real control plane, e.g. BENCH_ARGS=--quick
 	$(PY) bench/operator_bench.py $(BENCH_ARGS)
@@ -65,6 +65,9 @@ bench-storage: venv  ## checkpoint blocking, and upload/download via the storage
 
 bench-submit: venv k8s-binaries  ## submit -> first training step by stage on the local cluster, vs a plain Job
 	$(PY) bench/submit_bench.py $(BENCH_ARGS)
+
+bench-gang: venv k8s-binaries  ## a 2-pod gang vs 1 pod on the local cluster: apply -> first step, tokens/s
+	$(PY) bench/gang_bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
