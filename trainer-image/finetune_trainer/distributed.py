@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -181,6 +182,17 @@ def resolve_precision(requested: Precision | str) -> str:
     if requested == Precision.BF16 and cuda and not torch.cuda.is_bf16_supported():
         raise UserError("PrecisionUnsupported", "this GPU does not support bf16; use fp16, fp32 or auto")
     return str(requested)
+
+
+def skip_unbuildable_deepspeed_ops() -> None:
+    """On a CPU with several processes DeepSpeed JIT-compiles its shared-memory all-reduce (deepspeed_shm_comm)
+    when it starts; the trainer image has no C++ compiler, so that build fails and takes the run with it (seen in
+    a 2-pod ZeRO-2 gang). Marked unavailable, DeepSpeed uses torch.distributed's own all-reduce (gloo) instead."""
+    if torch.cuda.is_available() or shutil.which("c++"):
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # type: ignore[attr-defined]
 
 
 def deepspeed_config(ds: DeepSpeedSpec) -> dict[str, Any]:

@@ -38,7 +38,12 @@ from finetune_trainer.checkpoints import (
 )
 from finetune_trainer.config import UserError, architecture, resolve_job
 from finetune_trainer.data import DataError, PreparedData, make_collator, prepare_data
-from finetune_trainer.distributed import deepspeed_config, ensure_single_process_env, is_main_process
+from finetune_trainer.distributed import (
+    deepspeed_config,
+    ensure_single_process_env,
+    is_main_process,
+    skip_unbuildable_deepspeed_ops,
+)
 from finetune_trainer.distributed import resolve_precision as _precision
 from finetune_trainer.inputs import fetch
 from finetune_trainer.modeling import apply_method, load_base_model, load_tokenizer, model_type_of, parameter_counts
@@ -144,6 +149,7 @@ def training_arguments(
     kwargs: dict[str, Any] = {}
     if spec.deepspeed is not None:
         ensure_single_process_env()
+        skip_unbuildable_deepspeed_ops()
         kwargs["deepspeed"] = deepspeed_config(spec.deepspeed)
     if MethodType(spec.method.type) != MethodType.FULL:
         kwargs["ddp_find_unused_parameters"] = False  # frozen base weights never get gradients
