@@ -28,7 +28,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 
 from finetune_api.reports import ReportKind
-from finetune_api.status import ConditionType, FineTuneJobStatus, Phase
+from finetune_api.status import FineTuneJobStatus, Phase
 from finetune_operator.observe import (
     USER_ERROR_EXIT_CODE,
     Observation,
@@ -38,8 +38,8 @@ from finetune_operator.observe import (
     last_error,
     never_starts,
     parse_ts,
+    phase_conditions,
     reports_from_text,
-    set_condition,
 )
 
 _PODS_REMEMBERED = 32
@@ -97,15 +97,8 @@ def step(
         phase: Phase, reason: str, message: str, *, delete: list[str] | None = None, **fields: object
     ) -> GangStep:
         """The status for `phase` (fields: more status fields to set), with this step's deletions and event."""
-        conds = set_condition(
-            status.conditions, ConditionType.RUNNING, "True" if phase == Phase.RUNNING else "False", reason, message,
-            generation, now,
-        )  # fmt: skip
-        conds = set_condition(conds, ConditionType.SUSPENDED, "False", reason, message, generation, now)
+        conds = phase_conditions(status.conditions, phase, reason, message, generation, now)
         terminal = phase in (Phase.SUCCEEDED, Phase.FAILED)
-        if terminal:
-            kind = ConditionType.SUCCEEDED if phase == Phase.SUCCEEDED else ConditionType.FAILED
-            conds = set_condition(conds, kind, "True", reason, message, generation, now)
         new = status.model_copy(
             update={
                 "phase": phase.value,

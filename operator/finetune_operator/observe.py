@@ -213,6 +213,21 @@ def set_condition(
     return sorted(out, key=lambda c: order.index(c.type) if c.type in order else len(order))
 
 
+def phase_conditions(
+    conditions: list[Condition], phase: Phase, reason: str, message: str, generation: int | None, now: str
+) -> list[Condition]:
+    """The conditions that follow from a trainer's phase (one pod or a gang): Running, Suspended=False, and
+    Succeeded or Failed once it has ended."""
+    running = "True" if phase == Phase.RUNNING else "False"
+    conds = set_condition(conditions, ConditionType.RUNNING, running, reason, message, generation, now)
+    conds = set_condition(conds, ConditionType.SUSPENDED, "False", reason, message, generation, now)
+    if phase == Phase.SUCCEEDED:
+        conds = set_condition(conds, ConditionType.SUCCEEDED, "True", reason, message, generation, now)
+    if phase == Phase.FAILED:
+        conds = set_condition(conds, ConditionType.FAILED, "True", reason, message, generation, now)
+    return conds
+
+
 def drop_condition(conditions: list[Condition], ctype: ConditionType) -> list[Condition]:
     return [c for c in conditions if c.type != ctype]
 
@@ -439,15 +454,7 @@ def compute_status(
         else:
             reason, message = "WaitingForPod", "waiting for the trainer pod to start"
 
-    conds = status.conditions
-    conds = set_condition(
-        conds, ConditionType.RUNNING, "True" if phase == Phase.RUNNING else "False", reason, message, generation, now
-    )
-    conds = set_condition(conds, ConditionType.SUSPENDED, "False", reason, message, generation, now)
-    if phase == Phase.SUCCEEDED:
-        conds = set_condition(conds, ConditionType.SUCCEEDED, "True", reason, message, generation, now)
-    if phase == Phase.FAILED:
-        conds = set_condition(conds, ConditionType.FAILED, "True", reason, message, generation, now)
+    conds = phase_conditions(status.conditions, phase, reason, message, generation, now)
     terminal = phase in (Phase.SUCCEEDED, Phase.FAILED)
     return status.model_copy(
         update={
