@@ -59,26 +59,23 @@ MODELS = {
 JOB_TIMEOUT_S = 600
 # Models the GPU example names, stored as config.json and a tokenizer only (never weights): enough for the
 # preflight to check the data and size the job on CPU (finetune_api.plan), which is all a GPU-less cluster can do.
-# The shape is Llama-2-7B's published config; the tokenizer is tiny-llama's.
-CONFIG_ONLY_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
-    "llama-2-7b": (
-        "tiny-llama",
-        {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "hidden_size": 4096,
-            "intermediate_size": 11008,
-            "num_hidden_layers": 32,
-            "num_attention_heads": 32,
-            "num_key_value_heads": 32,
-            "max_position_embeddings": 4096,
-            "rms_norm_eps": 1e-05,
-            "vocab_size": 32000,
-            "tie_word_embeddings": False,
-            "torch_dtype": "float16",
-        },
-    ),
+# Llama-2-7B's published config.json (6,738,415,616 parameters). Tests that size a real 7B shape use it too.
+LLAMA_2_7B_CONFIG: dict[str, Any] = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-05,
+    "vocab_size": 32000,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float16",
 }
+# The shape is Llama-2-7B's published config; the tokenizer is tiny-llama's.
+CONFIG_ONLY_MODELS: dict[str, tuple[str, dict[str, Any]]] = {"llama-2-7b": ("tiny-llama", LLAMA_2_7B_CONFIG)}
 
 
 class DemoError(Exception):

@@ -21,6 +21,7 @@ from finetune_api.plan import Estimate, estimate, gpu_type, model_shape
 from finetune_api.reports import Report, ReportKind, format_report
 from finetune_api.resolve import resolve_spec
 from finetune_api.spec import FineTuneJobSpec
+from finetune_cli.demo import LLAMA_2_7B_CONFIG
 from finetune_operator.builders import config_name, preflight_name, workload_name
 from tests.integration.operator_harness import (
     TEST_PLATFORM_DEFAULTS,
@@ -38,16 +39,7 @@ OPERATOR_CONFIG = {
     "preflight": {"enabled": True, "cpu": "500m", "memory": "1Gi"},
     "pollSeconds": 1.0,
 }
-LLAMA_7B = {
-    "model_type": "llama",
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "vocab_size": 32000,
-    "max_position_embeddings": 4096,
-}
+LLAMA_7B = LLAMA_2_7B_CONFIG
 
 
 @pytest.fixture(scope="module")

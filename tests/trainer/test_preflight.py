@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from finetune_api.reports import Report, ReportKind, parse_reports
+from finetune_cli.demo import LLAMA_2_7B_CONFIG
 from finetune_trainer.inputs import is_model_file
 from finetune_trainer.tiny_models import build_model
 from tests.trainer.test_train import MEDICAL_QA, Env, Run, _sigterm_when, assert_interrupted
@@ -31,20 +32,7 @@ PEAK_RSS_LIMIT_MIB = 1200  # the operator runs the preflight in a small CPU pod 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 # Llama-2-7B's config.json (published dimensions); its parameter count is 6,738,415,616.
-LLAMA_7B = {
-    "model_type": "llama",
-    "architectures": ["LlamaForCausalLM"],
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "vocab_size": 32000,
-    "max_position_embeddings": 4096,
-    "rms_norm_eps": 1e-5,
-    "tie_word_embeddings": False,
-    "torch_dtype": "float16",
-}
+LLAMA_7B = LLAMA_2_7B_CONFIG
 LLAMA_7B_PARAMETERS = 6_738_415_616
 
 

@@ -27,6 +27,7 @@ from transformers import (
 from finetune_api import plan
 from finetune_api.resolve import resolve_spec
 from finetune_api.spec import FineTuneJobSpec
+from finetune_cli.demo import LLAMA_2_7B_CONFIG
 from finetune_trainer.config import architecture
 from finetune_trainer.modeling import apply_method
 
@@ -265,14 +266,7 @@ def test_gpu_type_is_validated_in_the_spec() -> None:
     assert plan.gpu_for(_spec(**{"resources.gpus": 0})).name == "cpu"
 
 
-LLAMA_7B = {
-    "model_type": "llama",
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "vocab_size": 32000,
-}
+LLAMA_7B = LLAMA_2_7B_CONFIG
 LLAMA_70B = {
     "model_type": "llama",
     "hidden_size": 8192,

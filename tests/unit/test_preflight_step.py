@@ -16,6 +16,7 @@ from finetune_api.reports import Report, ReportKind, format_report
 from finetune_api.resolve import resolve_spec
 from finetune_api.spec import FineTuneJobSpec
 from finetune_api.status import FineTuneJobStatus
+from finetune_cli.demo import LLAMA_2_7B_CONFIG
 from finetune_operator.config import OperatorConfig, Preflight
 from finetune_operator.observe import Observation, job_view, pod_view
 from finetune_operator.reconcile import CreateWorkload, Decision, DeleteWorkload, JobRef, PostEvent, decide
@@ -35,17 +36,7 @@ SPEC: dict[str, Any] = {
     "output": {"uri": "s3://out/job/"},
 }
 # A Llama-2-7B-shaped config.json (the planner needs the config alone, never the weights).
-LLAMA_7B = {
-    "model_type": "llama",
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "vocab_size": 32000,
-    "max_position_embeddings": 4096,
-    "tie_word_embeddings": False,
-}
+LLAMA_7B = LLAMA_2_7B_CONFIG
 
 
 def run(status: dict[str, Any] | None = None, obs: Observation | None = None, spec: dict[str, Any] = SPEC, **kw: Any):
