@@ -19,7 +19,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -414,3 +415,29 @@ def register_fake_node(kube_api: Any, name: str, fake: FakeKubeletLogs) -> None:
             },
         }
     )  # fmt: skip
+
+
+@contextmanager
+def running_operator(
+    control_plane: Any, kube_api: Any, config: dict[str, Any], env: dict[str, str] | None = None
+) -> Iterator[OperatorProcess]:
+    """The CRD installed and the operator running with `config` (a module's own platform policy); stopped after."""
+    install_crd(kube_api)
+    op = OperatorProcess(control_plane.kubeconfig, config, env=env)
+    op.start()
+    try:
+        yield op
+    finally:
+        op.stop()
+
+
+@contextmanager
+def fake_node(kube_api: Any, name: str) -> Iterator[FakeKubeletLogs]:
+    """A Node whose kubelet the test plays (its log endpoint is a FakeKubeletLogs); the Node is deleted after."""
+    fake = FakeKubeletLogs()
+    register_fake_node(kube_api, name, fake)
+    try:
+        yield fake
+    finally:
+        fake.close()
+        client.CoreV1Api(kube_api).delete_node(name)

@@ -14,10 +14,9 @@ from kubernetes import client
 from tests.integration.operator_harness import (
     NO_PREFLIGHT,
     TEST_PLATFORM_DEFAULTS,
-    FakeKubeletLogs,
     OperatorProcess,
-    install_crd,
-    register_fake_node,
+    fake_node,
+    running_operator,
     valid_spec,
     wait_for,
 )
@@ -37,20 +36,14 @@ OPERATOR_CONFIG = {
 
 @pytest.fixture(scope="module")
 def operator(control_plane: Any, kube_api: Any) -> Iterator[OperatorProcess]:
-    install_crd(kube_api)
-    op = OperatorProcess(control_plane.kubeconfig, OPERATOR_CONFIG)
-    op.start()
-    yield op
-    op.stop()
+    with running_operator(control_plane, kube_api, OPERATOR_CONFIG) as op:
+        yield op
 
 
 @pytest.fixture(scope="module")
 def node(kube_api: Any) -> Iterator[None]:
-    fake = FakeKubeletLogs()
-    register_fake_node(kube_api, NODE, fake)
-    yield
-    fake.close()
-    client.CoreV1Api(kube_api).delete_node(NODE)
+    with fake_node(kube_api, NODE):
+        yield
 
 
 def test_a_gang_that_cannot_start_fails_at_the_deadline_and_releases_every_worker(

@@ -26,7 +26,7 @@ from finetune_operator.builders import config_name, preflight_name, workload_nam
 from tests.integration.operator_harness import (
     TEST_PLATFORM_DEFAULTS,
     OperatorProcess,
-    install_crd,
+    running_operator,
     valid_spec,
     wait_for,
 )
@@ -44,11 +44,8 @@ LLAMA_7B = LLAMA_2_7B_CONFIG
 
 @pytest.fixture(scope="module")
 def operator(control_plane: Any, kube_api: Any) -> Iterator[OperatorProcess]:
-    install_crd(kube_api)
-    op = OperatorProcess(control_plane.kubeconfig, OPERATOR_CONFIG)
-    op.start()
-    yield op
-    op.stop()
+    with running_operator(control_plane, kube_api, OPERATOR_CONFIG) as op:
+        yield op
 
 
 @pytest.fixture(autouse=True)

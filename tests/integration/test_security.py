@@ -28,8 +28,8 @@ from tests.integration.operator_harness import (
     TEST_PLATFORM_DEFAULTS,
     FakeKubeletLogs,
     OperatorProcess,
-    install_crd,
-    register_fake_node,
+    fake_node,
+    running_operator,
     valid_spec,
     wait_for,
 )
@@ -92,20 +92,14 @@ def body_of(name: str, namespace: str, spec: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def operator(control_plane: Any, kube_api: Any) -> Iterator[OperatorProcess]:
-    install_crd(kube_api)
-    op = OperatorProcess(control_plane.kubeconfig, OPERATOR_CONFIG)
-    op.start()
-    yield op
-    op.stop()
+    with running_operator(control_plane, kube_api, OPERATOR_CONFIG) as op:
+        yield op
 
 
 @pytest.fixture(scope="module")
 def kubelet_logs(kube_api: Any) -> Iterator[FakeKubeletLogs]:
-    fake = FakeKubeletLogs()
-    register_fake_node(kube_api, NODE, fake)
-    yield fake
-    fake.close()
-    client.CoreV1Api(kube_api).delete_node(NODE)
+    with fake_node(kube_api, NODE) as fake:
+        yield fake
 
 
 def trainer_job(kube_api: Any, namespace: str, name: str) -> Any:
