@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 from benchkit import Row, machine, markdown_table, text_table, write_section  # noqa: E402
+from submit_bench import demo_platform  # noqa: E402
 
 from finetune_api.reports import ReportKind, parse_reports  # noqa: E402
 from finetune_cli import demo  # noqa: E402
@@ -107,20 +108,11 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.steps, args.docs = 12, ""
-    target = demo.ensure_cluster(build_images=not args.no_build)
-    had_release = demo.helm(target, "status", demo.RELEASE, "-n", demo.OPERATOR_NAMESPACE, check=False).returncode == 0
-    demo.install_operator(target)
-    demo.seed_storage(target, models=("tiny-llama",))
-    demo.prepare_namespace(target, NAMESPACE)
-    api = config.new_client_from_config(target.kubeconfig)
-    core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
-    try:
+    with demo_platform(not args.no_build, ("tiny-llama",), NAMESPACE) as target:
+        api = config.new_client_from_config(target.kubeconfig)
+        core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
         one = run(target, core, custom, 1, args.steps)
         two = run(target, core, custom, 2, args.steps)
-    finally:
-        demo.kubectl(target, "delete", "namespace", NAMESPACE, "--wait=false", check=False)
-        if not had_release:
-            demo.helm(target, "uninstall", demo.RELEASE, "-n", demo.OPERATOR_NAMESPACE, "--wait", check=False)
     rows = [
         Row("gang, 2 pods vs 1", "apply -> first training step", "1 pod: " + f"{one['first_step_s']:.1f} s",
             f"{two['first_step_s']:.1f} s (+{two['first_step_s'] - one['first_step_s']:.1f} s)", None),

@@ -29,6 +29,8 @@ import json
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,6 +128,24 @@ class Cluster:
                 timeline.mark("step", _ts(report.time))
 
 
+@contextmanager
+def demo_platform(build_images: bool, models: tuple[str, ...], namespace: str) -> Iterator[demo.Target]:
+    """The local cluster with the operator installed as the demo installs it, `models` in its S3 and `namespace`
+    ready; afterwards the namespace is deleted and a release installed here is uninstalled (one that was there
+    before is kept). bench/gang_bench.py uses it too."""
+    target = demo.ensure_cluster(build_images=build_images)
+    had_release = demo.helm(target, "status", demo.RELEASE, "-n", demo.OPERATOR_NAMESPACE, check=False).returncode == 0
+    demo.install_operator(target)
+    demo.seed_storage(target, models=models)
+    demo.prepare_namespace(target, namespace)
+    try:
+        yield target
+    finally:
+        demo.kubectl(target, "delete", "namespace", namespace, "--wait=false", check=False)
+        if not had_release:
+            demo.helm(target, "uninstall", demo.RELEASE, "-n", demo.OPERATOR_NAMESPACE, "--wait", check=False)
+
+
 def finetunejob(run: str) -> dict[str, Any]:
     job = yaml.safe_load(EXAMPLE.read_text())
     job["metadata"] = {"name": f"submit-{run}", "namespace": NAMESPACE}
@@ -189,25 +209,16 @@ def main() -> int:
     if args.quick:
         args.runs, args.docs = 1, ""
 
-    target = demo.ensure_cluster(build_images=not args.no_build)
-    had_release = demo.helm(target, "status", demo.RELEASE, "-n", demo.OPERATOR_NAMESPACE, check=False).returncode == 0
-    demo.install_operator(target)
-    demo.seed_storage(target, models=("tiny-gpt2",))
-    demo.prepare_namespace(target, NAMESPACE)
-    cluster = Cluster(target)
     ours: list[Timeline] = []
     plain: list[Timeline] = []
-    try:
+    with demo_platform(not args.no_build, ("tiny-gpt2",), NAMESPACE) as target:
+        cluster = Cluster(target)
         for i in range(args.runs):
             run = f"{uuid.uuid4().hex[:6]}"
             timeline, resolved = run_ftj(cluster, target, run)
             ours.append(timeline)
             plain.append(run_plain(cluster, target, resolved, run))
             print(f"run {i + 1}: FineTuneJob {timeline.total:.1f}s, plain Job {plain[-1].total:.1f}s", flush=True)
-    finally:
-        demo.kubectl(target, "delete", "namespace", NAMESPACE, "--wait=false", check=False)
-        if not had_release:
-            demo.helm(target, "uninstall", demo.RELEASE, "-n", demo.OPERATOR_NAMESPACE, "--wait", check=False)
 
     def median(values: list[float]) -> float:
         return sorted(values)[len(values) // 2]
